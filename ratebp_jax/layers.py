@@ -69,9 +69,9 @@ def _placeholder():
 def _accumulate(var: nnx.Variable, value, ctx: Ctx):
     """Multi mode sets the record; single mode adds this step's share of the time mean."""
     if ctx.step_mode == "single":
-        var.value = var.value + value / ctx.T
+        var.set_value(var.get_value() + value / ctx.T)
     else:
-        var.value = value
+        var.set_value(value)
 
 
 class LIF(nnx.Module):
@@ -86,23 +86,26 @@ class LIF(nnx.Module):
 
     def __call__(self, x, ctx: Ctx):
         if ctx.phase == "rate":
-            return ratebp.rate_lif(x, self.rate.value, self.elig.value)
+            return ratebp.rate_lif(x, self.rate.get_value(), self.elig.get_value())
         if ctx.step_mode == "multi":
             x_TxN = x.reshape((ctx.T, -1) + x.shape[1:])
             if ctx.record:
-                spikes, self.rate.value, self.elig.value = neurons.lif_scan_with_eligibility(
-                    x_TxN, self.cfg)
+                spikes, rate, elig = neurons.lif_scan_with_eligibility(x_TxN, self.cfg)
+                self.rate.set_value(rate)
+                self.elig.set_value(elig)
             else:
                 spikes = neurons.lif_scan(x_TxN, self.cfg)
             return spikes.reshape(x.shape)
         if ctx.record:
-            carry = neurons.EligibilityCarry(
-                self.u.value, self.eps_d.value, self.rate.value, self.elig.value)
+            fields = (self.u, self.eps_d, self.rate, self.elig)
+            carry = neurons.EligibilityCarry(*(f.get_value() for f in fields))
             carry, s = neurons.eligibility_step(
                 carry, jax.lax.stop_gradient(x), self.cfg, ctx.T)
-            self.u.value, self.eps_d.value, self.rate.value, self.elig.value = carry
+            for field, value in zip(fields, carry):
+                field.set_value(value)
             return s
-        self.u.value, s, _ = neurons.lif_step(self.u.value, x, self.cfg)
+        u, s, _ = neurons.lif_step(self.u.get_value(), x, self.cfg)
+        self.u.set_value(u)
         return s
 
 
@@ -124,32 +127,167 @@ class BatchNorm(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         self.spike_mean = Record(_placeholder())
         self.spike_var = Record(_placeholder())
+        self.out_mean = Record(_placeholder())
 
     def __call__(self, x, ctx: Ctx):
         axes = tuple(range(x.ndim - 1))
         if ctx.phase == "rate":
             rate_mean, rate_var = _moments(x, axes)
-            mean = ratebp.straight_through(self.spike_mean.value, rate_mean)
-            var = ratebp.straight_through(self.spike_var.value, rate_var)
-        elif ctx.train:
+            mean = ratebp.straight_through(self.spike_mean.get_value(), rate_mean)
+            var = ratebp.straight_through(self.spike_var.get_value(), rate_var)
+            y = self._normalize(x, mean, var)
+            if ctx.step_mode == "single":
+                # Per-step normalisation is not affine over time, so the average-stat output
+                # above is not the time mean of the spike pass's outputs. Take the recorded
+                # mean as the value (exact) and keep the gradient of the line above.
+                y = ratebp.straight_through(self.out_mean.get_value(), y)
+            return y
+        if ctx.train:
             mean, var = _moments(x, axes)
             self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var),
                                  math.prod(x.shape[:-1]))
-            if ctx.record:
-                _accumulate(self.spike_mean, jax.lax.stop_gradient(mean), ctx)
-                _accumulate(self.spike_var, jax.lax.stop_gradient(var), ctx)
         else:
-            mean, var = self.mean.value, self.var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+            mean, var = self.mean.get_value(), self.var.get_value()
+        y = self._normalize(x, mean, var)
+        if ctx.record:
+            _accumulate(self.spike_mean, jax.lax.stop_gradient(mean), ctx)
+            _accumulate(self.spike_var, jax.lax.stop_gradient(var), ctx)
+            if ctx.step_mode == "single":
+                _accumulate(self.out_mean, jax.lax.stop_gradient(y), ctx)
+        return y
+
+    def _normalize(self, x, mean, var):
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
     def _update_running(self, mean, var, n: int):
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
-        self.mean.value = (1 - m) * self.mean.value + m * mean
-        self.var.value = (1 - m) * self.var.value + m * unbiased
+        self.mean[...] = (1 - m) * self.mean[...] + m * mean
+        self.var[...] = (1 - m) * self.var[...] + m * unbiased
 
 
 def _moments(x, axes):
     mean = jnp.mean(x, axes)
     var = jnp.mean(jnp.square(x - mean), axes)
     return mean, var
+
+
+# --------------------------------------------------------------------------- initialisers
+# The reference models use three schemes; these reproduce them in HWIO / [in, out] layout.
+TORCH_DEFAULT = "torch_default"  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)), bias alike
+KAIMING_FAN_OUT = "kaiming_fan_out"  # kaiming_normal(fan_out, relu); bias torch default
+NORMAL_05 = "normal_0.5"  # N(0, 0.5^2) weights, zero bias (the reference VGGs)
+INITS = (TORCH_DEFAULT, KAIMING_FAN_OUT, NORMAL_05)
+
+
+def _torch_default_bias(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def _initializers(init: str, fan_in: int):
+    if init == TORCH_DEFAULT:
+        return (nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                _torch_default_bias(fan_in))
+    if init == KAIMING_FAN_OUT:
+        return (nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                _torch_default_bias(fan_in))
+    if init == NORMAL_05:
+        return nnx.initializers.normal(0.5), nnx.initializers.zeros
+    raise ValueError(f"init={init!r}: allowed values are {', '.join(INITS)}")
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, bias: bool, init: str,
+         rngs: nnx.Rngs) -> nnx.Conv:
+    """A PyTorch-style convolution: symmetric padding ``kernel // 2`` (not 'SAME', which
+    pads stride-2 convolutions asymmetrically and would break weight compatibility)."""
+    kernel_init, bias_init = _initializers(init, in_ch * kernel * kernel)
+    pad = kernel // 2
+    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride,
+                    padding=((pad, pad), (pad, pad)), use_bias=bias,
+                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+def dense(in_features: int, out_features: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linear:
+    kernel_init, bias_init = _initializers(init, in_features)
+    return nnx.Linear(in_features, out_features, kernel_init=kernel_init,
+                      bias_init=bias_init, rngs=rngs)
+
+
+class ConvBN(nnx.Module):
+    """conv -> BatchNorm, the unit every model family is built from."""
+
+    def __init__(self, in_ch, out_ch, kernel, *, stride=1, bias=False, init=TORCH_DEFAULT,
+                 rngs: nnx.Rngs):
+        self.conv = conv(in_ch, out_ch, kernel, stride=stride, bias=bias, init=init, rngs=rngs)
+        self.bn = BatchNorm(out_ch)
+
+    def __call__(self, x, ctx: Ctx):
+        return self.bn(self.conv(x), ctx)
+
+
+def avg_pool(x, window: int):
+    return nnx.avg_pool(x, (window, window), strides=(window, window))
+
+
+def global_avg_pool(x_NxHxWxC):
+    return x_NxHxWxC.mean(axis=(1, 2))
+
+
+def adaptive_avg_pool(x_NxHxWxC, out_size: int):
+    """PyTorch's AdaptiveAvgPool2d: window i spans [floor(i*H/o), ceil((i+1)*H/o)), which
+    overlap when H is not a multiple of o (e.g. 4 -> 3 averages windows [0:2], [1:3], [2:4])."""
+    def pool_axis(x, axis):
+        n = x.shape[axis]
+        slices = [jnp.take(x, jnp.arange(i * n // out_size, -(-(i + 1) * n // out_size)),
+                           axis=axis).mean(axis=axis, keepdims=True) for i in range(out_size)]
+        return jnp.concatenate(slices, axis=axis)
+    return pool_axis(pool_axis(x_NxHxWxC, 1), 2)
+
+
+class MaxPool(nnx.Module):
+    """The ImageNet stem's MaxPool2d(3, stride 2, padding 1), made rate-pass aware.
+
+    Max pooling is not linear, so the max of the rates is not the rate of the max. The
+    spike pass records the time mean of the pooled spikes; the rate pass takes that as its
+    value (so everything downstream sees the true time means) and routes the gradient to
+    each window's largest rate, as the reference does. The gradient is the approximation;
+    the value is exact. The reference instead uses the max of rates as the value too.
+    """
+
+    def __init__(self):
+        self.out_mean = Record(_placeholder())
+
+    def __call__(self, x, ctx: Ctx):
+        y = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if ctx.phase == "rate":
+            return ratebp.straight_through(self.out_mean.get_value(), y)
+        if ctx.record:
+            y_sg = jax.lax.stop_gradient(y)
+            if ctx.step_mode == "multi":
+                y_sg = y_sg.reshape((ctx.T, -1) + y.shape[1:]).mean(0)
+            _accumulate(self.out_mean, y_sg, ctx)
+        return y
+
+
+def residual_stages(make_block, stage_sizes, widths) -> nnx.List:
+    """ResNet stages of ``make_block(in_ch, out_ch, stride)``; the first block of every stage
+    after the first halves the resolution. The stem's width is ``widths[0]``."""
+    stages, in_ch = [], widths[0]
+    for i, (depth, width) in enumerate(zip(stage_sizes, widths)):
+        blocks = []
+        for j in range(depth):
+            blocks.append(make_block(in_ch, width, 2 if i > 0 and j == 0 else 1))
+            in_ch = width
+        stages.append(nnx.List(blocks))
+    return nnx.List(stages)
+
+
+def run_stages(stages, x, ctx: Ctx):
+    for stage in stages:
+        for block in stage:
+            x = block(x, ctx)
+    return x

@@ -56,43 +56,60 @@ def _split(model):
     return params, batch_stats, transient
 
 
-def time_major(images, T: int):
-    """``[B, ...]`` static images become ``[T, B, ...]``; a 5-D input is taken as time-major."""
-    if images.ndim == 5:
-        if images.shape[0] != T:
-            raise ValueError(f"image: time axis has {images.shape[0]} steps but T={T}")
-        return images
-    if images.ndim != 4:
+def check_images(images, T: int):
+    """Validate a batch: ``[B, H, W, C]`` static images, or a ``[T, B, H, W, C]`` sequence."""
+    if images.ndim == 5 and images.shape[0] != T:
+        raise ValueError(f"image: time axis has {images.shape[0]} steps but T={T}")
+    if images.ndim not in (4, 5):
         raise ValueError(
             f"image: expected [B, H, W, C] or [T, B, H, W, C], got shape {images.shape}")
-    return jnp.broadcast_to(images, (T,) + images.shape)
+    return images
 
 
-def simulate(net: Network, params, batch_stats, x_TxB, ctx: Ctx):
-    """Run the spiking network over T steps.
+def time_major(images, T: int):
+    """``[B, ...]`` static images become ``[T, B, ...]``; a 5-D input is taken as time-major."""
+    images = check_images(images, T)
+    return images if images.ndim == 5 else jnp.broadcast_to(images, (T,) + images.shape)
+
+
+def time_mean(images, T: int):
+    """The rate pass's input: the time mean of the input (a static image is its own mean)."""
+    images = check_images(images, T)
+    return images.mean(0) if images.ndim == 5 else images
+
+
+def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
+    """Run the spiking network over T steps on ``images`` (see :func:`check_images`).
 
     Returns ``(logits_BxK, batch_stats, transient)``: the output averaged over time, the
     BatchNorm running statistics after the pass, and what the layers recorded.
     """
+    T = ctx.T
     if ctx.step_mode == "multi":
+        x_TxB = time_major(images, T)
         model = net.merge(params, batch_stats)
-        T, B = x_TxB.shape[:2]
+        B = x_TxB.shape[1]
         logits = model(x_TxB.reshape((T * B,) + x_TxB.shape[2:]), ctx)
         _, batch_stats, transient = _split(model)
         return logits.reshape((T, B, -1)).mean(0), batch_stats, transient
 
-    def step(carry, x_B):
-        model = net.merge(params, *carry)
-        logits = model(x_B, ctx)
-        _, batch_stats, transient = _split(model)
-        return (batch_stats, transient), logits
+    images = check_images(images, T)
+    static = images.ndim == 4  # fed at every step without materialising T copies
 
+    def step(carry, x_B):
+        batch_stats, transient, logits_sum = carry
+        model = net.merge(params, batch_stats, transient)
+        logits = model(images if static else x_B, ctx)
+        _, batch_stats, transient = _split(model)
+        return (batch_stats, transient, logits_sum + logits / T), None
+
+    x_first = images if static else images[0]
     # The scan carry needs fixed shapes: take them from one abstract step, start from zeros.
-    shapes = jax.eval_shape(step, (batch_stats, net.transient), x_TxB[0])[0][1]
-    transient = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (batch_stats, transient), logits_TxBxK = jax.lax.scan(
-        step, (batch_stats, transient), x_TxB)
-    return logits_TxBxK.mean(0), batch_stats, transient
+    shapes = jax.eval_shape(lambda: step((batch_stats, net.transient, 0.0), x_first)[0])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[1:])
+    (batch_stats, transient, logits), _ = jax.lax.scan(
+        step, (batch_stats,) + zeros, None if static else images, length=T)
+    return logits, batch_stats, transient
 
 
 def cross_entropy(logits_BxK, labels_B):
@@ -110,23 +127,15 @@ def _check(step_mode, T, rate_grad_scale="exact"):
 
 
 # --------------------------------------------------------------------------- methods
-def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False,
-         **unused) -> Callable:
-    """Surrogate-gradient backpropagation through time: autodiff through the T-step scan.
-
-    ``remat=True`` wraps the network in ``jax.checkpoint``, so the backward pass recomputes
-    activations instead of storing them: BPTT at its most memory-frugal.
-    """
+def bptt(net: Network, *, T: int, step_mode: str = "multi", **unused) -> Callable:
+    """Surrogate-gradient backpropagation through time: autodiff through the T-step scan."""
     _check(step_mode, T)
     del unused
     ctx = Ctx("spike", step_mode, T, train=True, record=False)
-    run = jax.checkpoint(simulate, static_argnums=(0, 4)) if remat else simulate
 
     def grad_fn(params, batch_stats, batch):
-        x_TxB = time_major(batch["image"], T)
-
         def loss_fn(params):
-            logits, new_stats, _ = run(net, params, batch_stats, x_TxB, ctx)
+            logits, new_stats, _ = simulate(net, params, batch_stats, batch["image"], ctx)
             return cross_entropy(logits, batch["label"]), (logits, new_stats)
 
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -135,17 +144,17 @@ def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False,
     return grad_fn
 
 
-def spike_pass(net: Network, params, batch_stats, x_TxB, *, T: int, step_mode: str):
+def spike_pass(net: Network, params, batch_stats, images, *, T: int, step_mode: str):
     """Rate-BP step 1: the real T-step SNN without gradient, recording rates, eligibilities
     and BatchNorm statistics. Returns ``(logits, batch_stats, records)``."""
     ctx = Ctx("spike", step_mode, T, train=True, record=True)
-    return simulate(net, jax.lax.stop_gradient(params), batch_stats, x_TxB, ctx)
+    return simulate(net, jax.lax.stop_gradient(params), batch_stats, images, ctx)
 
 
-def rate_pass(net: Network, params, batch_stats, records, x_B):
+def rate_pass(net: Network, params, batch_stats, records, x_B, *, T: int, step_mode: str):
     """Rate-BP step 2: one differentiable pass on the time-mean input. Returns logits."""
     model = net.merge(params, batch_stats, records)
-    return model(x_B, Ctx("rate"))
+    return model(x_B, Ctx("rate", step_mode, T))
 
 
 def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str = "exact",
@@ -162,13 +171,12 @@ def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str
     scale = 1.0 if rate_grad_scale == "exact" else 1.0 / T
 
     def grad_fn(params, batch_stats, batch):
-        x_TxB = time_major(batch["image"], T)
-        _, new_stats, records = spike_pass(net, params, batch_stats, x_TxB,
+        _, new_stats, records = spike_pass(net, params, batch_stats, batch["image"],
                                            T=T, step_mode=step_mode)
-        x_B = x_TxB.mean(0)
+        x_B = time_mean(batch["image"], T)
 
         def loss_fn(params):
-            logits = rate_pass(net, params, new_stats, records, x_B)
+            logits = rate_pass(net, params, new_stats, records, x_B, T=T, step_mode=step_mode)
             return cross_entropy(logits, batch["label"]), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -178,12 +186,7 @@ def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str
     return grad_fn
 
 
-def bptt_remat(net: Network, **kwargs) -> Callable:
-    """BPTT with rematerialisation (see :func:`bptt`)."""
-    return bptt(net, remat=True, **kwargs)
-
-
-METHODS: dict[str, Callable] = {"bptt": bptt, "bptt_remat": bptt_remat, "rate": rate}
+METHODS: dict[str, Callable] = {"bptt": bptt, "rate": rate}
 
 
 def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:
@@ -200,12 +203,12 @@ def spike_inference(net: Network, params, batch_stats, images, *, T: int, step_m
     firing rate over time, batch and neurons.
     """
     ctx = Ctx("spike", step_mode, T, train=False, record=True)
-    logits, _, transient = simulate(net, params, batch_stats, time_major(images, T), ctx)
+    logits, _, transient = simulate(net, params, batch_stats, images, ctx)
     return logits, firing_rates(transient)
 
 
 def firing_rates(records) -> dict[str, jax.Array]:
     """Mean firing rate of every LIF layer, keyed by its dotted path, from spike records."""
     flat = nnx.to_flat_state(records) if hasattr(nnx, "to_flat_state") else records.flat_state()
-    return {".".join(map(str, path[:-1])): jnp.mean(v.value)
+    return {".".join(map(str, path[:-1])): jnp.mean(v.get_value())
             for path, v in flat if path[-1] == "rate"}

@@ -1,0 +1,54 @@
+"""The spiking model zoo, resolved by name.
+
+Every constructor takes ``num_classes``, ``in_channels``, ``image_size``, ``neuron`` (a
+:class:`~ratebp_jax.neurons.NeuronConfig`) and ``rngs``, and returns an NNX module whose
+``__call__(x_NxHxWxC, ctx)`` gives logits ``[N, K]``. ``*_tiny`` variants keep each
+family's structure at widths 4 to 16 for tests.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+from flax import nnx
+
+from ratebp_jax.models import preact_resnet, resnet, sew_resnet, vgg
+from ratebp_jax.neurons import NeuronConfig
+
+_p = functools.partial
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "resnet18": _p(resnet.ResNet, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512)),
+    "resnet19": _p(resnet.ResNet, stage_sizes=(3, 3, 2), widths=(128, 256, 512), hidden=256),
+    "vgg11": _p(vgg.VGG, spec=vgg.VGG11),
+    "vgg13": _p(vgg.VGG, spec=vgg.VGG13),
+    "vggsnn_cifar": _p(vgg.VGG, spec=vgg.VGGSNN_CIFAR),
+    "vggsnn_dvs": _p(vgg.VGG, spec=vgg.VGGSNN_DVS),
+    "sew_resnet34": _p(sew_resnet.SEWResNet, stage_sizes=(3, 4, 6, 3),
+                       widths=(64, 128, 256, 512)),
+    "preact_resnet34": _p(preact_resnet.PreActResNet, stage_sizes=(3, 4, 6, 3),
+                          widths=(64, 128, 256, 512)),
+    # Tiny variants: same structure, test-sized.
+    "resnet18_tiny": _p(resnet.ResNet, stage_sizes=(1, 1), widths=(4, 8)),
+    "resnet19_tiny": _p(resnet.ResNet, stage_sizes=(1, 1), widths=(4, 8), hidden=8),
+    "vgg_tiny": _p(vgg.VGG, spec=vgg.VGG_TINY),
+    "vggsnn_tiny": _p(vgg.VGG, spec=vgg.VGGSNN_TINY),
+    "sew_resnet_tiny": _p(sew_resnet.SEWResNet, stage_sizes=(1, 1), widths=(4, 8)),
+    "preact_resnet_tiny": _p(preact_resnet.PreActResNet, stage_sizes=(1, 1), widths=(4, 8)),
+}
+
+# One tiny stand-in per model family, for the exactness tests.
+TINY = {
+    "resnet18": "resnet18_tiny", "resnet19": "resnet19_tiny", "vgg11": "vgg_tiny",
+    "vgg13": "vgg_tiny", "vggsnn_cifar": "vggsnn_tiny", "vggsnn_dvs": "vggsnn_tiny",
+    "sew_resnet34": "sew_resnet_tiny", "preact_resnet34": "preact_resnet_tiny",
+}
+
+
+def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
+                 image_size: int = 32, neuron: NeuronConfig = NeuronConfig(),
+                 seed: int = 0) -> nnx.Module:
+    """Build model ``name`` (one of MODELS) with weights drawn from ``seed``."""
+    if name not in MODELS:
+        raise ValueError(f"model={name!r}: allowed values are {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels,
+                        image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed))

@@ -1,0 +1,197 @@
+"""Method-level properties: T=1 exactness, exact readout, the rate pass, step modes, memory."""
+import contextlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ratebp_jax import layers, methods, neurons
+from ratebp_jax.layers import Ctx
+
+from conftest import grads_of, rel_err, tiny_setup
+
+
+@pytest.mark.parametrize("step_mode", ["multi", "single"])
+@pytest.mark.parametrize("reset", neurons.RESET_MODES)
+def test_rate_gradient_equals_bptt_at_T1(tiny_name, reset, step_mode):
+    net, params, stats, batch = tiny_setup(tiny_name, reset=reset)
+    (loss_b, aux_b), g_bptt = grads_of("bptt", net, params, stats, batch, T=1,
+                                       step_mode=step_mode)
+    for scale in methods.RATE_GRAD_SCALES:  # identical at T=1
+        (loss_r, aux_r), g_rate = grads_of("rate", net, params, stats, batch, T=1,
+                                           step_mode=step_mode, rate_grad_scale=scale)
+        assert rel_err(g_rate, g_bptt) <= 1e-5
+        np.testing.assert_allclose(loss_r, loss_b, rtol=1e-6)
+        chex.assert_trees_all_close(aux_r["batch_stats"], aux_b["batch_stats"], rtol=1e-6)
+    # Both gradients are non-trivial: spikes happened and the comparison means something.
+    assert float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(g_bptt)[0])) > 1e-3
+
+
+def _readout(grads):
+    """The final classifier's kernel gradient: ``fc`` in the ResNets, the last entry of
+    ``classifier`` in the VGGs."""
+    if "fc" in grads:
+        return grads["fc"]["kernel"][...]
+    return grads["classifier"][len(grads["classifier"]) - 1]["kernel"][...]
+
+
+@pytest.mark.parametrize("step_mode", ["multi", "single"])
+@pytest.mark.parametrize("T", [2, 5])
+def test_readout_gradient_is_exact_at_any_T(tiny_name, T, step_mode):
+    net, params, stats, batch = tiny_setup(tiny_name)
+    _, g_bptt = grads_of("bptt", net, params, stats, batch, T=T, step_mode=step_mode)
+    _, g_exact = grads_of("rate", net, params, stats, batch, T=T, step_mode=step_mode)
+    _, g_ref = grads_of("rate", net, params, stats, batch, T=T, step_mode=step_mode,
+                        rate_grad_scale="reference")
+    np.testing.assert_allclose(_readout(g_exact), _readout(g_bptt), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_readout(g_ref), _readout(g_bptt) / T, rtol=1e-4, atol=1e-6)
+    # ...while the hidden layers are only approximated (else this test proves nothing).
+    assert rel_err(g_exact, g_bptt) > 1e-4
+
+
+@contextlib.contextmanager
+def capture(*classes):
+    """Record ``(x, out)`` of every call to a layer of ``classes``, keyed by module id."""
+    calls, originals = {}, {cls: cls.__call__ for cls in classes}
+
+    def hook(orig):
+        def call(self, x, ctx):
+            out = orig(self, x, ctx)
+            calls.setdefault(id(self), []).append((x, out))
+            return out
+        return call
+
+    for cls, orig in originals.items():
+        cls.__call__ = hook(orig)
+    try:
+        yield calls
+    finally:
+        for cls, orig in originals.items():
+            cls.__call__ = orig
+
+
+def spike_pass_calls(net, params, stats, x_TxB, T, step_mode, cls=layers.LIF):
+    """Inputs and outputs ``[T, B, ...]`` of every ``cls`` layer in a recording spike pass,
+    keyed by path."""
+    model = net.merge(params, stats)
+    ctx = Ctx("spike", step_mode, T, train=True, record=True)
+    with capture(cls) as calls:
+        if step_mode == "multi":
+            model(x_TxB.reshape((-1,) + x_TxB.shape[2:]), ctx)
+        else:
+            for x_B in x_TxB:
+                model(x_B, ctx)
+    by_path = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, cls):
+            steps = calls[id(module)]
+            by_path[path] = tuple(
+                a[0].reshape((T, -1) + a[0].shape[1:]) if step_mode == "multi" else jnp.stack(a)
+                for a in zip(*steps))
+    return by_path
+
+
+def spike_trains(net, params, stats, x_TxB, T, step_mode):
+    return {path: out for path, (_, out) in
+            spike_pass_calls(net, params, stats, x_TxB, T, step_mode).items()}
+
+
+@pytest.mark.parametrize("step_mode", ["multi", "single"])
+def test_rate_pass_values_equal_spike_pass_time_means(tiny_name, step_mode):
+    """Each LIF's and BN's rate-pass value is the time mean of its spike-pass output, and
+    each BN's recorded statistics are those of its spike-pass input."""
+    T = 4
+    net, params, stats, batch = tiny_setup(tiny_name)
+    x_TxB = methods.time_major(batch["image"], T)
+    logits_spike, _, records = methods.spike_pass(net, params, stats, x_TxB, T=T,
+                                                  step_mode=step_mode)
+    model = net.merge(params, stats, records)
+    with capture(layers.LIF, layers.BatchNorm) as calls:
+        logits_rate = model(x_TxB.mean(0), Ctx("rate", step_mode, T))
+    np.testing.assert_allclose(logits_rate, logits_spike, rtol=1e-5, atol=1e-6)
+
+    spikes = spike_pass_calls(net, params, stats, x_TxB, T, step_mode)
+    bns = spike_pass_calls(net, params, stats, x_TxB, T, step_mode, layers.BatchNorm)
+    assert sum(float(s.sum()) for _, s in spikes.values()) > 0
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, (layers.LIF, layers.BatchNorm)):
+            (_, out_rate), = calls[id(module)]
+            x_spike, out_spike = (spikes if isinstance(module, layers.LIF) else bns)[path]
+            np.testing.assert_allclose(out_rate, out_spike.mean(0), rtol=1e-5, atol=2e-5)
+        if isinstance(module, layers.BatchNorm):
+            axes = tuple(range(1, x_spike.ndim - 1))  # per step, over batch and space
+            per_step_mean = x_spike.mean(axes)
+            per_step_var = ((x_spike - x_spike.mean(axes, keepdims=True)) ** 2).mean(axes)
+            if step_mode == "multi":  # pooled over T*B
+                want_mean = per_step_mean.mean(0)
+                want_var = ((x_spike - want_mean) ** 2).mean((0,) + axes)
+            else:  # the mean over T of the per-step statistics
+                want_mean, want_var = per_step_mean.mean(0), per_step_var.mean(0)
+            np.testing.assert_allclose(module.spike_mean[...], want_mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(module.spike_var[...], want_var, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_and_single_step_modes_give_identical_spikes_without_batchnorm():
+    cfg = neurons.NeuronConfig()
+
+    class NoBN(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = layers.conv(3, 6, 3, bias=True, init=layers.TORCH_DEFAULT, rngs=rngs)
+            self.lif1 = layers.LIF(cfg)
+            self.conv2 = layers.conv(6, 8, 3, stride=2, bias=True, init=layers.TORCH_DEFAULT,
+                                     rngs=rngs)
+            self.lif2 = layers.LIF(cfg)
+            self.fc = layers.dense(8, 5, init=layers.TORCH_DEFAULT, rngs=rngs)
+
+        def __call__(self, x, ctx):
+            x = self.lif2(self.conv2(self.lif1(self.conv1(x), ctx)), ctx)
+            return self.fc(layers.global_avg_pool(x))
+
+    net, params, stats = methods.split_model(NoBN(nnx.Rngs(0)))
+    x_TxB = 3.0 * jax.random.normal(jax.random.key(0), (6, 2, 8, 8, 3))  # varies over time
+    spikes = {mode: spike_trains(net, params, stats, x_TxB, 6, mode)
+              for mode in ("multi", "single")}
+    assert spikes["multi"].keys() == spikes["single"].keys()
+    total = 0.0
+    for path in spikes["multi"]:
+        np.testing.assert_array_equal(spikes["multi"][path], spikes["single"][path])
+        total += float(spikes["multi"][path].sum())
+    assert total > 0
+    logits = {mode: methods.simulate(net, params, stats, x_TxB,
+                                     Ctx("spike", mode, 6, train=True, record=True))
+              for mode in ("multi", "single")}
+    chex.assert_trees_all_close(logits["multi"][0], logits["single"][0], rtol=1e-6)
+
+
+def _temp_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_single_mode_rate_memory_is_flat_in_T():
+    net, params, stats, batch = tiny_setup("resnet18_tiny", batch=8, image_size=16)
+    temp = {}
+    for method in ("rate", "bptt"):
+        for T in (2, 16):
+            fn = methods.make_grad_fn(method, net, T=T, step_mode="single")
+            temp[method, T] = _temp_bytes(fn, params, stats, batch)
+    assert temp["rate", 16] <= 1.15 * temp["rate", 2], temp
+    # The contrast that makes the bound meaningful: BPTT stores every step.
+    assert temp["bptt", 16] > 3 * temp["bptt", 2], temp
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"T": 0}, "T"), ({"T": 2, "step_mode": "both"}, "step_mode"),
+    ({"T": 2, "rate_grad_scale": "half"}, "rate_grad_scale")])
+def test_bad_method_arguments_name_the_field(kwargs, field):
+    net, *_ = tiny_setup("vgg_tiny")
+    with pytest.raises(ValueError, match=field):
+        methods.make_grad_fn("rate", net, **kwargs)
+
+
+def test_unknown_method_lists_allowed_names():
+    net, *_ = tiny_setup("vgg_tiny")
+    with pytest.raises(ValueError, match="method='sgd'.*bptt"):
+        methods.make_grad_fn("sgd", net, T=1)
