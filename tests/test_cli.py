@@ -1,0 +1,47 @@
+"""Command-line entry points: output format and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_compare_gradients_json_has_the_documented_fields(tmp_path):
+    out = tmp_path / "g.json"
+    proc = run_cli("compare_gradients.py", "--model", "vgg_tiny", "--image-size", "8",
+                   "--batch", "4", "--T", "1", "3", "--step-modes", "multi",
+                   "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["step_mode"], r["T"]) for r in results] == [
+        ("rate", "multi", 1), ("rate", "multi", 3)]
+    for r in results:
+        assert {"method", "step_mode", "T", "reset", "cosine", "norm_ratio", "max_rel_err",
+                "per_param"} <= r.keys()
+        assert {"name", "cosine", "norm_ratio", "rel_err"} <= r["per_param"][0].keys()
+        assert r["max_rel_err"] == max(p["rel_err"] for p in r["per_param"])
+    assert results[0]["max_rel_err"] < 1e-5 and results[0]["cosine"] > 1 - 1e-6
+    assert "cosine" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "alexnet"], "model='alexnet'"),
+    (["--T", "0"], "--T=0"),
+    (["--methods", "sgd"], "--methods='sgd'"),
+    (["--step-modes", "both"], "--step-modes='both'"),
+    (["--reset", "soft-ish"], "reset='soft-ish'"),
+])
+def test_compare_gradients_bad_input_is_one_line_without_traceback(args, message):
+    proc = run_cli("compare_gradients.py", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
