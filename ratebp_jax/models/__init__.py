@@ -27,6 +27,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
                        widths=(64, 128, 256, 512)),
     "preact_resnet34": _p(preact_resnet.PreActResNet, stage_sizes=(3, 4, 6, 3),
                           widths=(64, 128, 256, 512)),
+    "vgg_small": _p(vgg.VGG, spec=vgg.VGG_SMALL),
     # Tiny variants: same structure, test-sized.
     "resnet18_tiny": _p(resnet.ResNet, stage_sizes=(1, 1), widths=(4, 8)),
     "resnet19_tiny": _p(resnet.ResNet, stage_sizes=(1, 1), widths=(4, 8), hidden=8),

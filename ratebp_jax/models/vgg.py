@@ -19,6 +19,7 @@ VGG11 = (64, "A", 128, 256, "A", 512, 512, "A", 512, "A", 512, 512, "AA")
 VGG13 = (64, 64, "A", 128, 128, "A", 256, 256, "A", 512, 512, 512, "A", 512, "AA")
 VGGSNN_CIFAR = (64, 128, "A", 256, 256, "A", 512, 512, "A", 512, 512, "AA3")
 VGGSNN_DVS = (64, 128, "A", 256, 256, "A", 512, 512, "A", 512, 512, "A")
+VGG_SMALL = (32, "A", 64, "A", 128, "AA")  # the embedded digits default (8x8 inputs)
 VGG_TINY = (8, "A", 16, "AA")  # the reference vectors' vgg_tiny
 VGGSNN_TINY = (4, "A", 8, "AA3")
 POOLS = ("A", "AA", "AA3")

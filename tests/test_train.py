@@ -1,0 +1,151 @@
+"""Training pipeline: records, resume, sharding equivalence, and one-line config errors."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from ratebp_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from configs import default  # noqa: E402
+
+
+def tiny_config(**overrides):
+    c = default.get_config()
+    c.model, c.T, c.batch_size, c.eval_batch_size = "vgg_tiny", 2, 32, 120
+    c.num_train_steps, c.progress_bar, c.plots = 6, False, False
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_training_writes_records_and_learns(tmp_path):
+    config = tiny_config(num_train_steps=0, num_epochs=2, plots=True)
+    summary = train.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                "learning_rate", "seconds", "images_per_s", "firing_rates"):
+        assert key in records[0]
+    assert json.load(open(tmp_path / "summary.json")) == summary
+    assert summary["steps"] == 2 * (1437 // 32) and summary["method"] == "rate"
+    assert summary["final_test_accuracy"] > 0.3  # chance is 0.1
+    assert all(0 <= r <= 1 for r in records[-1]["firing_rates"].values())
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert (tmp_path / "firing_rates.png").stat().st_size > 0
+
+
+def _final_params(workdir):
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        restored = manager.restore(manager.latest_step())
+    return restored["params"], int(restored["step"])
+
+
+@pytest.mark.parametrize("method", ["rate", "bptt"])
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, method):
+    config = tiny_config(method=method, num_train_steps=7, checkpoint_every_steps=0)
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train.train_and_evaluate(config, full, log=lambda *_: None)
+    first = train.train_and_evaluate(config, resumed, log=lambda *_: None, interrupt_at_step=3)
+    assert first["interrupted"] and not os.path.exists(os.path.join(resumed, "summary.json"))
+    logs = []
+    train.train_and_evaluate(config, resumed, log=logs.append)
+    assert any("resumed from step 3" in line for line in logs)
+    params_full, step_full = _final_params(full)
+    params_resumed, step_resumed = _final_params(resumed)
+    assert step_full == step_resumed == 7
+    chex.assert_trees_all_equal(params_resumed, params_full)
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    sys.path.insert(0, "experiments")
+    from configs import default
+    from ratebp_jax import data, methods, train
+    assert jax.device_count() == 4, jax.devices()
+    c = default.get_config()
+    c.model, c.T, c.batch_size = "vgg_tiny", 2, 32
+    out = {}
+    ds = data.load_dataset(c)
+    batch = next(ds.train_batches(epoch=0, batch_size=32, seed=0))
+    for method in ("rate", "bptt"):
+        c.method = method
+        for n in (1, 4):
+            mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                                 axis_types=(jax.sharding.AxisType.Auto,))
+            replicated, shard = train.data_parallel(mesh)
+            tx = train.create_optimizer(c, lambda step: c.learning_rate)
+            net, state = train.create_state(c, ds, tx)
+            grad_fn = methods.make_grad_fn(method, net, T=2, step_mode="multi")
+            step = jax.jit(train.make_train_step(grad_fn, tx, "stop"),
+                           out_shardings=(replicated, replicated))
+            new, metrics = step(jax.device_put(state, replicated), shard(batch))
+            leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(new["params"])]
+            stats = [np.asarray(x).ravel() for x in jax.tree.leaves(new["batch_stats"])]
+            out[f"{method}{n}"] = {"loss": float(metrics["loss"]),
+                                   "params": np.concatenate(leaves).tolist(),
+                                   "stats": np.concatenate(stats).tolist(),
+                                   "sharded": len(shard(batch)["image"].sharding.device_set)}
+    print(json.dumps(out))
+""")
+
+
+def test_four_devices_give_the_same_step_as_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for method in ("rate", "bptt"):
+        one, four = out[f"{method}1"], out[f"{method}4"]
+        assert four["sharded"] == 4 and one["sharded"] == 1
+        np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
+        np.testing.assert_allclose(four["params"], one["params"], rtol=1e-5, atol=1e-5)
+        # Global BatchNorm statistics: running stats equal too.
+        np.testing.assert_allclose(four["stats"], one["stats"], rtol=1e-5, atol=1e-6)
+
+
+def run_main(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "main.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model=resnet50"], "model='resnet50': allowed values are"),
+    (["--config.dataset=mnist"], "dataset='mnist': allowed values are"),
+    (["--config.method=sgd"], "method='sgd': allowed values are"),
+    (["--config.step_mode=both"], "step_mode='both': allowed values are"),
+    (["--config.T=0"], "T=0: must be an integer >= 1"),
+    (["--config.lam=1.5"], "lam=1.5: must satisfy 0 <= lam < 1"),
+    (["--config.thresh=-1"], "thresh=-1.0: must be > 0"),
+    (["--config.dataset=npz", "--config.data_path=/nonexistent/data.npz"],
+     "data_path='/nonexistent/data.npz': no such file"),
+])
+def test_bad_config_is_one_line_error_without_traceback(tmp_path, args, message):
+    proc = run_main("--workdir", str(tmp_path), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_batch_not_divisible_by_device_count_is_one_line_error(tmp_path):
+    proc = run_main("--workdir", str(tmp_path), "--config.batch_size=30",
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "batch_size=30: must be divisible by the device count (4)" \
+        in lines[0], lines
