@@ -65,7 +65,7 @@ def validate_config(config) -> None:
     _allowed("nan_policy", config.nan_policy, NAN_POLICIES)
     for field in ("T", "batch_size", "eval_batch_size", "num_epochs"):
         _positive(config, field)
-    for field in ("num_train_steps", "checkpoint_every_steps", "num_classes"):
+    for field in ("num_train_steps", "checkpoint_every_steps", "num_classes", "image_size"):
         _positive(config, field, minimum=0)
     _positive(config, "keep_checkpoints")
     if not config.learning_rate > 0:

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # where tfds / tonic data lives (datasets that need one)
     c.data_path = ""  # the .npz file of dataset=npz
     c.num_classes = 0  # 0: taken from the dataset
+    c.image_size = 0  # 0: the dataset's own (digits 8, CIFAR 32, DVS 48, ImageNet 224)
     c.augment = True  # the dataset's reference augmentations (crop/flip/AutoAugment/Cutout)
 
     # ---- model and neurons

@@ -4,20 +4,28 @@
 |---|---|---|
 | digits | scikit-learn's bundled 8x8 digits (offline default) | nothing extra |
 | npz | your own arrays in ``config.data_path`` | nothing extra |
-| cifar10, cifar100 | tensorflow-datasets | ``pip install tensorflow-datasets tensorflow-cpu`` |
-| imagenet | tensorflow-datasets (manual download) | as above |
-| cifar10_dvs, nmnist | tonic event streams -> T frames | ``pip install tonic`` |
+| cifar10, cifar100 | ``tfds.data_source`` (array_record) | tensorflow-datasets, array-record (pinned); tensorflow-cpu once, to prepare |
+| imagenet | as above, manual download | as above |
+| cifar10_dvs | tonic's CIFAR10DVS -> T frames | tonic (pinned) |
+| nmnist | npz event files in ``config.data_path`` | nothing extra |
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from ratebp_jax.data import arrays
+from ratebp_jax.data import arrays, events, tfds_datasets
 from ratebp_jax.data.pipeline import Dataset, prefetch
 
+# tensorflow-datasets and tonic are imported inside their loaders, so the default path
+# (digits) imports neither.
 LOADERS: dict[str, Callable] = {
     "digits": arrays.load_digits,
     "npz": arrays.load_npz,
+    "cifar10": tfds_datasets.load_cifar,
+    "cifar100": tfds_datasets.load_cifar,
+    "imagenet": tfds_datasets.load_imagenet,
+    "cifar10_dvs": events.load_cifar10_dvs,
+    "nmnist": events.load_nmnist,
 }
 
 

@@ -1,0 +1,220 @@
+"""Loaders on data the tests make: tfds mock data, synthetic events, npz files; configs."""
+import importlib
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from ratebp_jax import data, models, train
+from ratebp_jax.data import augment, events
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from configs import default  # noqa: E402
+
+CONFIGS = ["default", "cifar10_resnet18", "cifar100_resnet18", "cifar10_resnet19",
+           "cifar10_vgg11", "cifar10dvs_vggsnn", "imagenet_sew_resnet34",
+           "imagenet_preact_resnet34", "nmnist_vgg"]
+
+
+def config_with(**fields):
+    c = default.get_config()
+    for k, v in fields.items():
+        c[k] = v
+    return c
+
+
+def test_digits_split_is_fixed_and_standardised():
+    ds = data.load_dataset(config_with())
+    assert (len(ds.train), len(ds.test), ds.num_classes, ds.image_shape) == (1437, 360, 10,
+                                                                             (8, 8, 1))
+    batches = list(ds.train_batches(epoch=0, batch_size=64, seed=0))
+    assert len(batches) == 1437 // 64
+    x = np.concatenate([b["image"] for b in batches])
+    assert x.dtype == np.float32 and abs(x.mean()) < 0.1 and abs(x.std() - 1) < 0.1
+
+
+def test_train_order_is_a_seeded_permutation_and_resumable():
+    ds = data.load_dataset(config_with())
+    full = list(ds.train_batches(epoch=3, batch_size=100, seed=7))
+    resumed = list(ds.train_batches(epoch=3, batch_size=100, seed=7, start_step=5))
+    np.testing.assert_array_equal(full[5]["image"], resumed[0]["image"])
+    other = next(ds.train_batches(epoch=4, batch_size=100, seed=7))
+    assert not np.array_equal(full[0]["label"], other["label"])
+
+
+def test_eval_batches_cover_the_test_set_once_with_a_mask():
+    ds = data.load_dataset(config_with())
+    batches = list(ds.eval_batches(256))
+    assert [len(b["label"]) for b in batches] == [256, 256]
+    assert sum(b["mask"].sum() for b in batches) == 360
+
+
+def _write_npz(path, n_train=40, n_test=10, shape=(6, 6, 3), classes=4, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+              "y_train": rng.integers(0, classes, n_train),
+              "x_test": rng.integers(0, 256, (n_test,) + shape, dtype=np.uint8),
+              "y_test": rng.integers(0, classes, n_test)}
+    arrays.update(overrides)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_npz_loader_reads_users_arrays(tmp_path):
+    arrays = _write_npz(tmp_path / "mine.npz")
+    ds = data.load_dataset(config_with(dataset="npz", data_path=str(tmp_path / "mine.npz")))
+    assert ds.image_shape == (6, 6, 3) and len(ds.train) == 40
+    images, labels = ds.test[np.arange(10)]
+    np.testing.assert_array_equal(images, arrays["x_test"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"x_train": np.zeros((40, 6, 6, 3), np.float32)}, "x_train must be uint8"),
+    ({"y_test": np.full(10, -1)}, "y_test has labels in"),
+    ({"x_test": np.zeros((10, 5, 5, 3), np.uint8)}, "x_train images are"),
+])
+def test_npz_loader_rejects_bad_arrays_by_name(tmp_path, override, message):
+    _write_npz(tmp_path / "bad.npz", **override)
+    with pytest.raises(ValueError, match=message):
+        data.load_dataset(config_with(dataset="npz", data_path=str(tmp_path / "bad.npz")))
+
+
+def test_npz_labels_beyond_num_classes_are_rejected(tmp_path):
+    _write_npz(tmp_path / "d.npz", classes=4)
+    with pytest.raises(ValueError, match=r"y_train has labels in \[0, 3\]; allowed is \[0, 2\)"):
+        data.load_dataset(config_with(dataset="npz", data_path=str(tmp_path / "d.npz"),
+                                      num_classes=2))
+
+
+def test_cifar_loader_on_tfds_mock_data():
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = data.load_dataset(config_with(dataset="cifar10"))
+    assert ds.num_classes == 10 and ds.image_shape == (32, 32, 3) and len(ds.train) == 24
+    batch = next(ds.train_batches(epoch=0, batch_size=8, seed=0))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    again = next(ds.train_batches(epoch=0, batch_size=8, seed=0))
+    np.testing.assert_array_equal(batch["image"], again["image"])  # augmentation is seeded
+
+
+def test_imagenet_loader_on_tfds_mock_data():
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = data.load_dataset(config_with(dataset="imagenet", image_size=32))
+        batch = next(ds.train_batches(epoch=0, batch_size=3, seed=0))
+        test = next(ds.eval_batches(4))
+    assert batch["image"].shape == (3, 32, 32, 3) and test["image"].shape == (4, 32, 32, 3)
+    assert ds.num_classes == 1000
+
+
+def test_missing_tfds_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tfds dataset 'cifar10'.*tfds build cifar10"):
+        data.load_dataset(config_with(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_cutout_zeroes_one_square_and_crop_keeps_pixels():
+    rng = np.random.default_rng(0)
+    images = np.full((50, 32, 32, 3), 200, np.uint8)
+    cut = augment.cutout(16)(images, rng)
+    zeros = (cut == 0).all(-1).sum(axis=(1, 2))
+    assert zeros.max() == 256 and zeros.min() >= 64  # 16x16 inside, >= 8x8 at a corner
+    cropped = augment.random_crop(4)(images, rng)
+    assert cropped.shape == images.shape and set(np.unique(cropped)) <= {0, 200}
+
+
+def _synthetic_events(n, sensor=(10, 12), seed=0):
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        k = rng.integers(20, 60)
+        samples.append((rng.integers(0, sensor[1], k), rng.integers(0, sensor[0], k),
+                        np.sort(rng.integers(0, 10_000, k)), rng.integers(0, 2, k)))
+    return samples
+
+
+def test_events_to_frames_counts_every_event_in_its_time_bin():
+    x, y, t, p = (np.array([0, 1, 2, 11]), np.array([0, 0, 5, 9]),
+                  np.array([0, 10, 20, 40]), np.array([0, 1, 1, 1]))
+    frames = events.events_to_frames(x, y, t, p, sensor_hw=(10, 12), T=2)
+    assert frames.shape == (2, 10, 12, 2) and frames.sum() == 4
+    assert frames[0, 0, 0, 0] == 1 and frames[0, 0, 1, 1] == 1  # t=0, t=10 in bin 0
+    assert frames[1, 5, 2, 1] == 1 and frames[1, 9, 11, 1] == 1  # t=20 and the last event
+
+
+def test_nmnist_loader_reads_concatenated_event_npz(tmp_path):
+    for split, n in (("train", 12), ("test", 4)):
+        samples = _synthetic_events(n, sensor=(34, 34), seed=len(split))
+        offsets = np.cumsum([0] + [len(s[0]) for s in samples])
+        np.savez(tmp_path / f"nmnist_{split}.npz",
+                 x=np.concatenate([s[0] for s in samples]).astype(np.uint8),
+                 y=np.concatenate([s[1] for s in samples]).astype(np.uint8),
+                 t_us=np.concatenate([s[2] for s in samples]).astype(np.uint32),
+                 p=np.concatenate([s[3] for s in samples]).astype(np.uint8),
+                 offsets=offsets, label=np.arange(n, dtype=np.int16) % 10,
+                 sensor_size=np.array([34, 34, 2]))
+    ds = data.load_dataset(config_with(dataset="nmnist", data_path=str(tmp_path), T=5,
+                                       image_size=34))
+    assert ds.time_steps == 5 and ds.image_shape == (34, 34, 2)
+    frames, labels = ds.train[np.arange(12)]
+    assert frames.sum() == sum(len(s[0]) for s in _synthetic_events(12, (34, 34), seed=5))
+    batch = next(ds.train_batches(epoch=0, batch_size=4, seed=0))
+    assert batch["image"].shape == (5, 4, 34, 34, 2)  # time-major
+    test = next(ds.eval_batches(3))
+    assert test["image"].shape == (5, 3, 34, 34, 2)
+
+
+def test_dvs_frames_split_and_augmentation():
+    labels = np.repeat(np.arange(10), 10)
+    train_idx, test_idx = events.split_per_class(labels)
+    assert len(train_idx) == 90 and len(test_idx) == 10
+    assert set(labels[test_idx]) == set(range(10))
+    frames = np.random.default_rng(0).random((8, 3, 6, 6, 2)).astype(np.float32)
+    out = events.flip_and_roll()(frames, np.random.default_rng(1))
+    # Flips and circular shifts only move pixels: every sample keeps its values.
+    np.testing.assert_allclose(np.sort(out.reshape(8, -1)), np.sort(frames.reshape(8, -1)))
+    assert events.resize_frames(frames[0], 4).shape == (3, 4, 4, 2)
+
+
+def test_training_runs_on_event_frames(tmp_path):
+    samples = _synthetic_events(20, sensor=(8, 8))
+    frames = np.stack([events.events_to_frames(*s, sensor_hw=(8, 8), T=3) for s in samples])
+    labels = np.arange(20) % 4
+    ds = events.from_frames("synthetic", frames[:16], labels[:16], frames[16:], labels[16:],
+                            num_classes=4)
+    data.LOADERS["synthetic_events"] = lambda config: ds
+    try:
+        c = config_with(dataset="synthetic_events", model="vgg_tiny", T=3, batch_size=8,
+                        eval_batch_size=4, num_train_steps=2, progress_bar=False, plots=False)
+        summary = train.train_and_evaluate(c, str(tmp_path), log=lambda *_: None)
+    finally:
+        del data.LOADERS["synthetic_events"]
+    assert summary["steps"] == 2 and 0 <= summary["final_test_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_is_valid_and_builds_its_model(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert isinstance(config, ml_collections.ConfigDict) and config.name == name
+    train.validate_config(config)
+    in_channels = 2 if config.dataset in ("cifar10_dvs", "nmnist") else \
+        (1 if config.dataset == "digits" else 3)
+    num_classes = {"cifar100": 100, "imagenet": 1000}.get(config.dataset, 10)
+    size = config.image_size or {"digits": 8}.get(config.dataset, 32)
+    model = nnx.eval_shape(lambda: models.create_model(
+        config.model, num_classes=num_classes, in_channels=in_channels, image_size=size))
+    assert model is not None
+
+
+def test_host_pipeline_throughput_is_measured():
+    """Not a benchmark: checks that the measurement helper reports a positive rate."""
+    ds = data.load_dataset(config_with())
+    start = time.perf_counter()
+    n = sum(len(b["label"]) for b in data.prefetch(ds.train_batches(epoch=0, batch_size=64,
+                                                                     seed=0)))
+    assert n == 1437 // 64 * 64 and n / (time.perf_counter() - start) > 0
