@@ -132,6 +132,10 @@ def run_main(*args, env=None):
     (["--config.thresh=-1"], "thresh=-1.0: must be > 0"),
     (["--config.dataset=npz", "--config.data_path=/nonexistent/data.npz"],
      "data_path='/nonexistent/data.npz': no such file"),
+    (["--config.dataset=cifar10", "--config.data_dir=/nonexistent/tfds"],
+     "data_dir='/nonexistent/tfds': no such directory"),
+    (["--config.dataset=cifar10_dvs", "--config.data_dir=/nonexistent/dvs"],
+     "data_dir='/nonexistent/dvs': no such directory"),
 ])
 def test_bad_config_is_one_line_error_without_traceback(tmp_path, args, message):
     proc = run_main("--workdir", str(tmp_path), *args)

@@ -16,6 +16,8 @@ flip for training, resize 256 and centre crop 224 for testing.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ratebp_jax.data import augment
@@ -32,6 +34,9 @@ def data_source(name: str, split: str, data_dir: str):
     """The prepared tfds source; a clear error when it is not there (no download here)."""
     import tensorflow_datasets as tfds
 
+    if data_dir and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir={data_dir!r}: no such directory (it should hold "
+                                f"the prepared tfds dataset {name!r})")
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # noqa: BLE001 - tfds raises several types for "not prepared"
