@@ -1,5 +1,8 @@
-"""Gradient comparison between methods (cosine, norm ratio, relative error per parameter)."""
+"""Gradient comparison between methods, and compiled memory and step time of each."""
 from __future__ import annotations
+
+import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +66,54 @@ def param_count(params) -> int:
 
 def global_norm(tree) -> float:
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))))
+
+
+# --------------------------------------------------------------------------- profiling
+def compile_with_stats(fn, *args) -> tuple[Any, dict]:
+    """Jit-compile ``fn`` for ``args``; return the executable and XLA's compiled memory
+    statistics (deterministic for a given program and backend) with the compile time."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    return compiled, {"temp_bytes": int(mem.temp_size_in_bytes),
+                      "argument_bytes": int(mem.argument_size_in_bytes),
+                      "output_bytes": int(mem.output_size_in_bytes),
+                      "compile_s": compile_s}
+
+
+def median_time(compiled, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``compiled(*args)`` over ``repeats`` runs after ``warmup``,
+    blocking on the result each time."""
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def profile_step(method: str, net, params, batch_stats, batch, *, T: int, step_mode: str,
+                 repeats: int = 5, **method_kwargs) -> dict:
+    """Memory and time of one gradient step of ``method`` (see ``methods.METHODS``):
+    ``{"temp_bytes", "argument_bytes", "output_bytes", "compile_s", "step_s"}``."""
+    from ratebp_jax import methods
+    fn = methods.make_grad_fn(method, net, T=T, step_mode=step_mode, **method_kwargs)
+    compiled, stats = compile_with_stats(fn, params, batch_stats, batch)
+    stats["step_s"] = median_time(compiled, params, batch_stats, batch, repeats=repeats)
+    return stats
+
+
+def profile_inference(net, params, batch_stats, images, *, T: int, step_mode: str,
+                      repeats: int = 5) -> dict:
+    """Memory and time of the spike-mode forward alone, the floor for any training step."""
+    from ratebp_jax import methods
+
+    def infer(params, batch_stats, images):
+        return methods.spike_inference(net, params, batch_stats, images, T=T,
+                                       step_mode=step_mode)[0]
+    compiled, stats = compile_with_stats(infer, params, batch_stats, images)
+    stats["infer_s"] = median_time(compiled, params, batch_stats, images, repeats=repeats)
+    return stats
