@@ -125,6 +125,7 @@ class BatchNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))  # PyTorch's num_batches_tracked
         self.spike_mean = Record(_placeholder())
         self.spike_var = Record(_placeholder())
         self.out_mean = Record(_placeholder())
@@ -164,6 +165,7 @@ class BatchNorm(nnx.Module):
         m = self.momentum
         self.mean[...] = (1 - m) * self.mean[...] + m * mean
         self.var[...] = (1 - m) * self.var[...] + m * unbiased
+        self.count[...] = self.count[...] + 1
 
 
 def _moments(x, axes):

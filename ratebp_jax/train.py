@@ -181,13 +181,18 @@ def local_slice(batch, global_batch: int):
 
 
 # --------------------------------------------------------------------------- state
-def create_state(config, dataset, tx):
-    """Model and optimiser state as the plain pytree {params, batch_stats, opt_state, step}."""
-    image_shape = dataset.image_shape
-    model = models.create_model(
-        config.model, num_classes=config.num_classes or dataset.num_classes,
+def create_model(config, image_shape, num_classes) -> nnx.Module:
+    """The config's model for inputs of ``image_shape`` (H, W, C)."""
+    return models.create_model(
+        config.model, num_classes=config.num_classes or num_classes,
         in_channels=image_shape[-1], image_size=image_shape[0],
         neuron=neuron_config(config), seed=config.seed)
+
+
+def create_state(config, image_shape, num_classes, tx, model=None):
+    """Model and optimiser state as the plain pytree {params, batch_stats, opt_state, step}.
+    ``model`` (e.g. with imported weights) replaces a freshly initialised one."""
+    model = model or create_model(config, image_shape, num_classes)
     net, params, batch_stats = methods.split_model(model)
     state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
              "step": jnp.zeros((), jnp.int32)}
@@ -303,7 +308,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     schedule = learning_rate_schedule(config, steps_per_epoch, num_epochs)
     tx = create_optimizer(config, schedule)
-    net, state = create_state(config, dataset, tx)
+    net, state = create_state(config, dataset.image_shape, dataset.num_classes, tx)
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))

@@ -45,7 +45,7 @@ def test_training_writes_records_and_learns(tmp_path):
 def _final_params(workdir):
     import orbax.checkpoint as ocp
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-        restored = manager.restore(manager.latest_step())
+        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
     return restored["params"], int(restored["step"])
 
 
@@ -85,7 +85,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
                                  axis_types=(jax.sharding.AxisType.Auto,))
             replicated, shard = train.data_parallel(mesh)
             tx = train.create_optimizer(c, lambda step: c.learning_rate)
-            net, state = train.create_state(c, ds, tx)
+            net, state = train.create_state(c, ds.image_shape, ds.num_classes, tx)
             grad_fn = methods.make_grad_fn(method, net, T=2, step_mode="multi")
             step = jax.jit(train.make_train_step(grad_fn, tx, "stop"),
                            out_shardings=(replicated, replicated))

@@ -1,0 +1,147 @@
+"""Parity with the paper's reference code, one training step at a time.
+
+A reference vector file (``tests/data/reference_vectors/*.json``) records one step of the
+reference PyTorch implementation: loss, logits, and summaries (norm, sum, random
+projection) of every gradient and BN buffer. The weights and inputs are rebuilt from the
+seed by the vectors' recipe, imported with :mod:`ratebp_jax.interop`, and the same step is
+run here with ``rate_grad_scale="reference"``. The comparison rule is the vectors' README's.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from ratebp_jax import interop, methods, models, neurons
+
+LOSS_RTOL, LOGITS_ATOL, DEV_TOL = 1e-5, 1e-4, 1e-3
+
+
+def read_keys(path) -> list[tuple[str, tuple, str, str]]:
+    """``keys_<arch>.txt``: ``[(name, shape, dtype, "param" | "buffer")]`` in order."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                name, shape, dtype, kind = line.rstrip("\n").split("\t")
+                rows.append((name, tuple(int(s) for s in shape.strip("()").split(",") if s),
+                             dtype, kind))
+    return rows
+
+
+def rebuild_state_dict(keys, seed: int) -> dict[str, np.ndarray]:
+    """The recipe's weights: entry i drawn from ``default_rng([seed, i])``."""
+    sd = {}
+    for i, (name, shape, _, _) in enumerate(keys):
+        rng = np.random.default_rng([seed, i])
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "num_batches_tracked":
+            sd[name] = np.zeros(shape, np.int64)
+        elif leaf == "running_mean":
+            sd[name] = np.zeros(shape, np.float32)
+        elif leaf == "running_var":
+            sd[name] = np.ones(shape, np.float32)
+        elif leaf == "weight" and len(shape) >= 2:
+            sd[name] = (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))
+                        ).astype(np.float32)
+        elif leaf == "weight":
+            sd[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif leaf == "bias":
+            sd[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            raise ValueError(f"keys: no recipe for entry {name!r}")
+    return sd
+
+
+def rebuild_batch(seed: int, batch: int, channels: int, size: int, num_classes: int):
+    x_NCHW = np.random.default_rng([seed, 1000000]).standard_normal(
+        (batch, channels, size, size)).astype(np.float32)
+    labels = np.random.default_rng([seed, 1000001]).integers(0, num_classes, batch)
+    return {"image": np.transpose(x_NCHW, (0, 2, 3, 1)), "label": labels.astype(np.int32)}
+
+
+def summarize(values: np.ndarray, seed: int, direction_index: int) -> dict:
+    """``norm``, ``sum`` and ``proj`` (onto a seeded Gaussian direction), in float64."""
+    v = np.asarray(values, np.float64)
+    direction = np.random.default_rng([seed, direction_index]).standard_normal(v.shape)
+    return {"norm": float(np.linalg.norm(v)), "sum": float(v.sum()),
+            "proj": float((v * direction).sum())}
+
+
+def deviation(ours: dict, ref: dict, n: int, floor: float) -> float:
+    """The README's rule: max(|dnorm|, |dproj|, |dsum|/sqrt(n)) / max(norm, floor)."""
+    return max(abs(ours["norm"] - ref["norm"]), abs(ours["proj"] - ref["proj"]),
+               abs(ours["sum"] - ref["sum"]) / np.sqrt(n)) / max(ref["norm"], floor)
+
+
+NEURON_RESETS = {"soft": "soft", "soft_nodetach": "soft_nodetach", "hard": "hard"}
+
+
+def run_reference_step(vec: dict, keys, dtype=np.float32):
+    """Our step on the file's configuration, computed in ``dtype`` (float64 needs
+    ``jax_enable_x64``). Returns ``(loss, logits, grads_sd, buffers_sd)`` with gradients and
+    buffers in the reference's names and layouts."""
+    state_dict = rebuild_state_dict(keys, vec["seed"])
+    channels = next(shape for _, shape, _, _ in keys if len(shape) == 4)[1]
+    model = models.create_model(
+        vec["arch"], num_classes=vec["num_classes"], in_channels=channels,
+        image_size=vec["image_size"], neuron=neurons.NeuronConfig(
+            reset=NEURON_RESETS[vec["reset"]]))
+    interop.import_state_dict(model, state_dict)
+    net, params, batch_stats = methods.split_model(model)
+    batch = rebuild_batch(vec["seed"], vec["batch"], channels, vec["image_size"],
+                          vec["num_classes"])
+    cast = lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x  # noqa
+    params, batch_stats = jax.tree.map(cast, params), jax.tree.map(cast, batch_stats)
+    batch["image"] = cast(batch["image"])
+    grad_fn = methods.make_grad_fn(vec["method"], net, T=vec["T"], step_mode=vec["step_mode"],
+                                   rate_grad_scale=vec["rate_grad_scale"])
+    (loss, aux), grads = jax.jit(grad_fn)(params, batch_stats, batch)
+    grads_sd = interop.tree_to_reference(model, grads)
+    after = nnx_update_copy(model, aux["batch_stats"])
+    buffers_sd = {k: v for k, v in interop.export_state_dict(after).items()
+                  if k.endswith(("running_mean", "running_var"))}
+    return float(loss), np.asarray(aux["logits"]), grads_sd, buffers_sd
+
+
+def nnx_update_copy(model, state):
+    from flax import nnx
+    clone = nnx.clone(model)
+    nnx.update(clone, state)
+    return clone
+
+
+def check_file(path: str, keys_dir: str | None = None, dtype=np.float32) -> dict:
+    """Compare one vector file. Returns ``{"file", "loss_rel_err", "logits_max_abs_err",
+    "worst_param", "worst_dev", "worst_buffer", "worst_buffer_dev", "pass"}``."""
+    with open(path) as f:
+        vec = json.load(f)
+    keys_path = os.path.join(keys_dir or os.path.dirname(path), f"keys_{vec['arch']}.txt")
+    keys = read_keys(keys_path)
+    index = {name: i for i, (name, *_rest) in enumerate(keys)}
+    loss, logits, grads_sd, buffers_sd = run_reference_step(vec, keys, dtype)
+
+    grad_norm_max = max(g["norm"] for g in vec["grads"].values())
+    devs = {}
+    for name, ref in vec["grads"].items():
+        ours = summarize(grads_sd[name], vec["seed"], 2000000 + index[name])
+        devs[name] = deviation(ours, ref, grads_sd[name].size, 1e-3 * grad_norm_max)
+    buffer_devs = {}
+    for name, ref in vec.get("buffers_after", {}).items():
+        ours = summarize(buffers_sd[name], vec["seed"], 3000000 + index[name])
+        buffer_devs[name] = deviation(ours, ref, buffers_sd[name].size, 1e-3)
+    worst = max(devs, key=devs.get)
+    worst_buffer = max(buffer_devs, key=buffer_devs.get) if buffer_devs else None
+    loss_rel_err = abs(loss - vec["loss"]) / abs(vec["loss"])
+    logits_err = float(np.max(np.abs(logits - np.asarray(vec["logits"]))))
+    passed = (loss_rel_err <= LOSS_RTOL and logits_err <= LOGITS_ATOL
+              and devs[worst] <= DEV_TOL
+              and (worst_buffer is None or buffer_devs[worst_buffer] <= DEV_TOL))
+    return {"file": os.path.basename(path), "dtype": np.dtype(dtype).name,
+            "loss_rel_err": loss_rel_err,
+            "logits_max_abs_err": logits_err, "worst_param": worst, "worst_dev": devs[worst],
+            "worst_buffer": worst_buffer,
+            "worst_buffer_dev": buffer_devs[worst_buffer] if worst_buffer else None,
+            "pass": bool(passed)}
