@@ -119,7 +119,7 @@ def test_import_cli_writes_a_checkpoint_that_training_resumes(tmp_path):
         restored = manager.restore(0, args=ocp.args.StandardRestore())
     model = models.create_model("vgg_tiny", in_channels=1, image_size=8)
     interop.import_state_dict(model, sd)
-    np.testing.assert_array_equal(restored["params"]["features"]["0"]["conv"]["kernel"],
+    np.testing.assert_array_equal(restored["params"]["features"]["0"]["conv"]["kernel"]["value"],
                                   np.asarray(model.features[0].conv.kernel[...]))
     config = default.get_config()
     config.model, config.num_train_steps, config.progress_bar, config.plots = \
