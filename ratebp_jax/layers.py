@@ -43,6 +43,8 @@ class Ctx:
     T: number of time steps.
     train: BatchNorm uses batch statistics and updates its running statistics.
     record: the spike pass records what the rate pass needs.
+    remat: recompute each LIF's (multi) or each time step's (single) internals in the
+      backward pass instead of storing them (rematerialised BPTT).
     """
 
     phase: str = "spike"
@@ -50,6 +52,7 @@ class Ctx:
     T: int = 1
     train: bool = True
     record: bool = False
+    remat: bool = False
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -94,7 +97,9 @@ class LIF(nnx.Module):
                 self.rate.set_value(rate)
                 self.elig.set_value(elig)
             else:
-                spikes = neurons.lif_scan(x_TxN, self.cfg)
+                scan = jax.checkpoint(neurons.lif_scan, static_argnums=1) if ctx.remat \
+                    else neurons.lif_scan
+                spikes = scan(x_TxN, self.cfg)
             return spikes.reshape(x.shape)
         if ctx.record:
             fields = (self.u, self.eps_d, self.rate, self.elig)

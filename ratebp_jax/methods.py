@@ -103,6 +103,8 @@ def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
         _, batch_stats, transient = _split(model)
         return (batch_stats, transient, logits_sum + logits / T), None
 
+    if ctx.remat:  # keep only the carry per step; recompute the step in the backward pass
+        step = jax.checkpoint(step)
     x_first = images if static else images[0]
     # The scan carry needs fixed shapes: take them from one abstract step, start from zeros.
     shapes = jax.eval_shape(lambda: step((batch_stats, net.transient, 0.0), x_first)[0])
@@ -127,11 +129,17 @@ def _check(step_mode, T, rate_grad_scale="exact"):
 
 
 # --------------------------------------------------------------------------- methods
-def bptt(net: Network, *, T: int, step_mode: str = "multi", **unused) -> Callable:
-    """Surrogate-gradient backpropagation through time: autodiff through the T-step scan."""
+def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False,
+         **unused) -> Callable:
+    """Surrogate-gradient backpropagation through time: autodiff through the T-step scan.
+
+    ``remat=True`` rematerialises: in single step mode each time step is a
+    ``jax.checkpoint`` (only the neuron and BN state is stored per step); in multi step mode
+    each LIF's scan is (its membrane trace is recomputed from its input).
+    """
     _check(step_mode, T)
     del unused
-    ctx = Ctx("spike", step_mode, T, train=True, record=False)
+    ctx = Ctx("spike", step_mode, T, train=True, record=False, remat=remat)
 
     def grad_fn(params, batch_stats, batch):
         def loss_fn(params):
@@ -186,7 +194,12 @@ def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str
     return grad_fn
 
 
-METHODS: dict[str, Callable] = {"bptt": bptt, "rate": rate}
+def bptt_remat(net: Network, **kwargs) -> Callable:
+    """BPTT with rematerialisation (see :func:`bptt`): less memory for more compute."""
+    return bptt(net, remat=True, **kwargs)
+
+
+METHODS: dict[str, Callable] = {"bptt": bptt, "bptt_remat": bptt_remat, "rate": rate}
 
 
 def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:
