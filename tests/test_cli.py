@@ -45,3 +45,30 @@ def test_compare_gradients_bad_input_is_one_line_without_traceback(args, message
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_benchmark_reports_ratios_and_flat_single_mode_rate_memory(tmp_path):
+    out = tmp_path / "b.json"
+    proc = run_cli("benchmark.py", "--model", "resnet18_tiny", "--image-size", "8",
+                   "--batch", "4", "--T", "2", "8", "--step-modes", "single",
+                   "--repeats", "1", "--json", str(out), "--plot", str(tmp_path / "b.png"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r["method"], r["T"]): r for r in json.loads(out.read_text())["results"]}
+    for key in ("temp_bytes", "argument_bytes", "compile_s", "step_s", "infer_s",
+                "time_vs_bptt", "temp_vs_bptt", "step_over_infer", "temp_vs_first_T"):
+        assert key in rows["rate", 8]
+    assert rows["bptt", 8]["time_vs_bptt"] == 1.0
+    assert rows["rate", 8]["temp_bytes"] <= 1.15 * rows["rate", 2]["temp_bytes"]
+    assert rows["rate", 8]["temp_vs_bptt"] < 1.0
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_accuracy_benchmark_runs_every_method_and_mode(tmp_path):
+    out = tmp_path / "a.json"
+    proc = run_cli("accuracy_benchmark.py", "--seeds", "0", "--num-train-steps", "3",
+                   "--T", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert [(s["method"], s["step_mode"]) for s in summary] == [
+        ("bptt", "multi"), ("bptt", "single"), ("rate", "multi"), ("rate", "single")]
+    assert all(0.0 <= s["mean_accuracy"] <= 1.0 for s in summary)

@@ -1,0 +1,85 @@
+"""Test accuracy of rate-BP against BPTT on the embedded digits, over seeds, same budget.
+
+    python experiments/accuracy_benchmark.py --seeds 0 1 2 --json acc.json
+
+Trains the default config (a small spiking CNN, T=4) once per (method, step mode, seed)
+with identical hyperparameters and epochs, and reports the mean and standard deviation of
+the final test accuracy and the mean wall time per method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+import cli_errors
+from configs import default
+from ratebp_jax import methods, train
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=["bptt", "rate"])
+    p.add_argument("--step-modes", nargs="+", default=["multi", "single"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--num-epochs", type=int, default=None, help="default: the config's")
+    p.add_argument("--num-train-steps", type=int, default=0, help="> 0 overrides epochs")
+    p.add_argument("--T", type=int, default=None, help="default: the config's")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    for name in args.methods:
+        if name not in methods.METHODS:
+            raise ValueError(f"--methods={name!r}: allowed values are {', '.join(methods.METHODS)}")
+    runs = []
+    for method in args.methods:
+        for mode in args.step_modes:
+            for seed in args.seeds:
+                c = default.get_config()
+                c.method, c.step_mode, c.seed = method, mode, seed
+                c.progress_bar, c.plots = False, False
+                if args.num_epochs:
+                    c.num_epochs = args.num_epochs
+                if args.T:
+                    c.T = args.T
+                c.num_train_steps = args.num_train_steps
+                with tempfile.TemporaryDirectory() as workdir:
+                    s = train.train_and_evaluate(c, workdir, log=lambda *_: None)
+                runs.append({"method": method, "step_mode": mode, "seed": seed,
+                             "test_accuracy": s["final_test_accuracy"],
+                             "wall_time_s": s["wall_time_s"]})
+                print(f"  {method:<6} {mode:<6} seed {seed}: accuracy {s['final_test_accuracy']:.4f}"
+                      f" in {s['wall_time_s']:.1f}s", flush=True)
+    summary = []
+    for method in args.methods:
+        for mode in args.step_modes:
+            sel = [r for r in runs if r["method"] == method and r["step_mode"] == mode]
+            acc = np.array([r["test_accuracy"] for r in sel])
+            summary.append({"method": method, "step_mode": mode, "seeds": len(sel),
+                            "mean_accuracy": float(acc.mean()), "std_accuracy": float(acc.std()),
+                            "mean_wall_time_s": float(np.mean([r["wall_time_s"] for r in sel]))})
+    return {"summary": summary, "runs": runs}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = run(args)
+    print(f"{'method':<8}{'mode':<8}{'seeds':>6} {'accuracy':>16} {'wall s':>8}")
+    for r in result["summary"]:
+        print(f"{r['method']:<8}{r['step_mode']:<8}{r['seeds']:>6} "
+              f"{100 * r['mean_accuracy']:>9.2f} +- {100 * r['std_accuracy']:.2f} "
+              f"{r['mean_wall_time_s']:>8.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    cli_errors.run(main)
