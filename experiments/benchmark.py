@@ -96,11 +96,11 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API draws without pyplot's global backend, so notebooks keep inline plots.
+    from matplotlib.figure import Figure
 
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_mem, ax_time = fig.subplots(1, 2)
     for method in dict.fromkeys(r["method"] for r in rows):
         for mode in dict.fromkeys(r["step_mode"] for r in rows):
             sel = [r for r in rows if r["method"] == method and r["step_mode"] == mode]
@@ -122,7 +122,6 @@ def plot(rows, path):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None):

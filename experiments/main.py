@@ -37,17 +37,23 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.name)
     summary = train.train_and_evaluate(config, workdir)
+    if summary["interrupted"]:
+        return  # checkpointed; rerunning the same command resumes
     print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
           f"(best {summary['best_test_accuracy']:.4f}) in {summary['wall_time_s']:.1f}s; "
           f"records in {workdir}")
 
 
 def run():
+    from ratebp_jax.train import NonFiniteError
     try:
         app.run(main)
     except cli_errors.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

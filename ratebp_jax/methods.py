@@ -66,6 +66,22 @@ def check_images(images, T: int):
     return images
 
 
+def check_batch(batch, T: int):
+    """Shapes and dtypes of a ``{"image", "label"}`` batch, checked at trace time."""
+    if not isinstance(batch, dict) or "image" not in batch or "label" not in batch:
+        raise TypeError("batch: expected a dict with 'image' and 'label'")
+    images = check_images(batch["image"], T)
+    labels = batch["label"]
+    n = images.shape[1] if images.ndim == 5 else images.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"label: expected shape ({n},) to match the image batch, got "
+                         f"{tuple(labels.shape)}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"label: expected an integer dtype, got {labels.dtype}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"image: expected a float dtype, got {images.dtype}")
+
+
 def time_major(images, T: int):
     """``[B, ...]`` static images become ``[T, B, ...]``; a 5-D input is taken as time-major."""
     images = check_images(images, T)
@@ -142,6 +158,8 @@ def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False,
     ctx = Ctx("spike", step_mode, T, train=True, record=False, remat=remat)
 
     def grad_fn(params, batch_stats, batch):
+        check_batch(batch, T)
+
         def loss_fn(params):
             logits, new_stats, _ = simulate(net, params, batch_stats, batch["image"], ctx)
             return cross_entropy(logits, batch["label"]), (logits, new_stats)
@@ -179,6 +197,7 @@ def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str
     scale = 1.0 if rate_grad_scale == "exact" else 1.0 / T
 
     def grad_fn(params, batch_stats, batch):
+        check_batch(batch, T)
         _, new_stats, records = spike_pass(net, params, batch_stats, batch["image"],
                                            T=T, step_mode=step_mode)
         x_B = time_mean(batch["image"], T)

@@ -212,17 +212,34 @@ def checkpoint_managers(workdir, keep: int):
 
 def restore_latest(manager, state, log):
     """Restore the newest readable checkpoint into ``state``'s structure and shardings.
-    A corrupt newest checkpoint is reported and the previous one is tried."""
+
+    A corrupt newest checkpoint is reported, moved aside to ``corrupt_checkpoints/`` (so
+    that the resumed run can write that step again) and the previous one is tried."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored_any = False
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
             log(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); trying an older one")
+                f"{str(e).splitlines()[0][:200]}); moved aside, trying an older one")
+            _quarantine(manager, step)
             continue
+        restored_any = True
+        break
+    if restored_any:
         return restored, step
     return state, None
+
+
+def _quarantine(manager, step):
+    directory = os.fspath(manager.directory)
+    aside = os.path.join(os.path.dirname(directory), "corrupt_checkpoints")
+    if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        os.replace(os.path.join(directory, str(step)),
+                   os.path.join(aside, f"{step}-{int(time.time())}"))
+    manager.reload()
 
 
 # --------------------------------------------------------------------------- records
@@ -257,12 +274,12 @@ def _truncate_metrics(path, step):
 
 def plot_curves(history, workdir):
     """``curves.png`` (loss and accuracy per epoch) and ``firing_rates.png`` (last epoch)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API draws without pyplot's global backend, so notebooks keep inline plots.
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
     ax_loss.plot(epochs, [r["test_loss"] for r in history], label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -274,16 +291,15 @@ def plot_curves(history, workdir):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
-    plt.close(fig)
 
     rates = history[-1]["firing_rates"]
-    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(rates) + 2), 3.5))
+    fig = Figure(figsize=(max(4, 0.4 * len(rates) + 2), 3.5))
+    ax = fig.subplots()
     ax.bar(range(len(rates)), list(rates.values()))
     ax.set_xticks(range(len(rates)), list(rates), rotation=70, fontsize=7)
     ax.set(ylabel="mean firing rate", title=f"firing rates, epoch {history[-1]['epoch']}")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "firing_rates.png"), dpi=100)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main loop
@@ -300,6 +316,10 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     if dataset.time_steps is not None and dataset.time_steps != config.T:
         raise ValueError(f"T={config.T}: dataset {dataset.name!r} gives {dataset.time_steps} "
                          f"frames per sample; set T to match")
+    if config.num_classes and dataset.num_classes > config.num_classes:
+        raise ValueError(f"num_classes={config.num_classes}: dataset {dataset.name!r} has "
+                         f"{dataset.num_classes} classes; allowed is 0 (the dataset's) or "
+                         f">= {dataset.num_classes}")
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size={config.batch_size}: larger than the training set "
@@ -336,68 +356,71 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     wall_before = history[-1]["wall_s"] if history else 0.0
     preempted = _PreemptionFlag()
     interrupted = False
-    while step < total_steps and not interrupted:
-        epoch = step // steps_per_epoch
-        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        start_in_epoch = step - epoch * steps_per_epoch
-        batches = data.prefetch(dataset.train_batches(
-            epoch=epoch, batch_size=config.batch_size, seed=config.seed,
-            start_step=start_in_epoch))
-        bar = _progress(config, epoch, num_epochs, start_in_epoch, epoch_steps)
-        sums = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-        t_epoch, images_seen, pending = time.time(), 0, None
-        for i, batch in zip(range(start_in_epoch, epoch_steps), batches):
-            batch = shard(local_slice(batch, config.batch_size))
-            state, metrics = train_step(state, batch)
-            # Fetch the previous step's metrics now: the device never waits on the host.
+    try:
+        while step < total_steps and not interrupted:
+            epoch = step // steps_per_epoch
+            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            start_in_epoch = step - epoch * steps_per_epoch
+            batches = data.prefetch(dataset.train_batches(
+                epoch=epoch, batch_size=config.batch_size, seed=config.seed,
+                start_step=start_in_epoch))
+            bar = _progress(config, epoch, num_epochs, start_in_epoch, epoch_steps)
+            sums = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+            t_epoch, images_seen, pending = time.time(), 0, None
+            for i, batch in zip(range(start_in_epoch, epoch_steps), batches):
+                batch = shard(local_slice(batch, config.batch_size))
+                state, metrics = train_step(state, batch)
+                # Fetch the previous step's metrics now: the device never waits on the host.
+                if pending is not None:
+                    _consume(pending, sums, bar, config)
+                pending = (step, metrics)
+                step += 1
+                images_seen += config.batch_size
+                interrupted = preempted.is_set() or step == interrupt_at_step
+                # At an epoch's end the epoch is evaluated and checkpointed as usual first.
+                mid_epoch = step % steps_per_epoch != 0 and step < total_steps
+                if mid_epoch and (interrupted or (config.checkpoint_every_steps and
+                                                  step % config.checkpoint_every_steps == 0)):
+                    _consume(pending, sums, bar, config)
+                    pending = None
+                    latest.save(step, args=ocp.args.StandardSave(state), force=True)
+                    if interrupted:
+                        break
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
+                                    acc=f"{sums['accuracy'] / max(sums['count'], 1):.3f}",
+                                    img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
             if pending is not None:
                 _consume(pending, sums, bar, config)
-            pending = (step, metrics)
-            step += 1
-            images_seen += config.batch_size
-            interrupted = preempted.is_set() or step == interrupt_at_step
-            # At an epoch's end the epoch is evaluated and checkpointed as usual first.
-            mid_epoch = step % steps_per_epoch != 0 and step < total_steps
-            if mid_epoch and (interrupted or (config.checkpoint_every_steps and
-                                              step % config.checkpoint_every_steps == 0)):
-                _consume(pending, sums, bar, config)
-                pending = None
-                latest.save(step, args=ocp.args.StandardSave(state), force=True)
-                if interrupted:
-                    break
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
-                                acc=f"{sums['accuracy'] / max(sums['count'], 1):.3f}",
-                                img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
-        if pending is not None:
-            _consume(pending, sums, bar, config)
-        if bar is not None:
-            bar.close()
-        if interrupted and mid_epoch:
-            break
-        seconds = time.time() - t_epoch
-        record = {"epoch": epoch + 1, "step": step,
-                  "train_loss": sums["loss"] / max(sums["count"], 1),
-                  "train_accuracy": sums["accuracy"] / max(sums["count"], 1),
-                  **evaluate(eval_step, state, dataset, config.eval_batch_size, shard),
-                  "learning_rate": float(schedule(step - 1)), "seconds": seconds,
-                  "images_per_s": images_seen / seconds,
-                  "wall_s": wall_before + time.time() - start_time}
-        history.append(record)
-        if jax.process_index() == 0:
-            _append_jsonl(metrics_path, record)
-        log(f"epoch {record['epoch']}/{num_epochs} step {step}: train loss "
-            f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | test loss "
-            f"{record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | "
-            f"{record['images_per_s']:.0f} img/s")
-        if record["test_accuracy"] > best_accuracy:
-            best_accuracy = record["test_accuracy"]
-            best_manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        latest.save(step, args=ocp.args.StandardSave(state), force=True)
-    latest.wait_until_finished()
-    best_manager.wait_until_finished()
-    preempted.restore()
+                bar.close()
+            if interrupted and mid_epoch:
+                break
+            seconds = time.time() - t_epoch
+            record = {"epoch": epoch + 1, "step": step,
+                      "train_loss": sums["loss"] / max(sums["count"], 1),
+                      "train_accuracy": sums["accuracy"] / max(sums["count"], 1),
+                      **evaluate(eval_step, state, dataset, config.eval_batch_size, shard),
+                      "learning_rate": float(schedule(step - 1)), "seconds": seconds,
+                      "images_per_s": images_seen / seconds,
+                      "wall_s": wall_before + time.time() - start_time}
+            history.append(record)
+            if jax.process_index() == 0:
+                _append_jsonl(metrics_path, record)
+            log(f"epoch {record['epoch']}/{num_epochs} step {step}: train loss "
+                f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | test loss "
+                f"{record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | "
+                f"{record['images_per_s']:.0f} img/s")
+            if record["test_accuracy"] > best_accuracy:
+                best_accuracy = record["test_accuracy"]
+                best_manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            latest.save(step, args=ocp.args.StandardSave(state), force=True)
+    finally:
+        # Let a pending async save finish even when a step raised: it is the last good one.
+        latest.wait_until_finished()
+        best_manager.wait_until_finished()
+        preempted.restore()
     if interrupted:
         log(f"interrupted at step {step}: checkpoint written; rerun to resume")
 

@@ -195,3 +195,16 @@ def test_unknown_method_lists_allowed_names():
     net, *_ = tiny_setup("vgg_tiny")
     with pytest.raises(ValueError, match="method='sgd'.*bptt"):
         methods.make_grad_fn("sgd", net, T=1)
+
+
+@pytest.mark.parametrize("batch_fn,error,message", [
+    (lambda b: {**b, "label": b["label"][:2]}, ValueError, "label: expected shape"),
+    (lambda b: {**b, "label": b["label"].astype(jnp.float32)}, TypeError, "integer dtype"),
+    (lambda b: {**b, "image": b["image"][0]}, ValueError, "image: expected"),
+    (lambda b: {"image": b["image"]}, TypeError, "'image' and 'label'"),
+])
+def test_bad_batches_are_rejected_by_name(batch_fn, error, message):
+    net, params, stats, batch = tiny_setup("vgg_tiny")
+    for method in ("rate", "bptt"):
+        with pytest.raises(error, match=message):
+            methods.make_grad_fn(method, net, T=2)(params, stats, batch_fn(batch))
