@@ -23,13 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "default.py"),
                                 "Training configuration the checkpoint is for.")
 flags.DEFINE_string("model", None, "Zoo model name (default: config.model).")
-flags.DEFINE_string("state_dict", None, "The reference state_dict (.npz or .pth).",
+flags.DEFINE_string("state-dict", None, "The reference state_dict (.npz or .pth).",
                     required=True)
 flags.DEFINE_string("workdir", None, "Run directory to write checkpoints/0 into.",
                     required=True)
-flags.DEFINE_integer("num_classes", 10, "Classes of the reference classifier.")
-flags.DEFINE_integer("in_channels", 3, "Input channels (2 for DVS).")
-flags.DEFINE_integer("image_size", 32, "Input size (sets the VGG classifier width).")
+flags.DEFINE_integer("num-classes", 10, "Classes of the reference classifier.")
+flags.DEFINE_integer("in-channels", 3, "Input channels (2 for DVS).")
+flags.DEFINE_integer("image-size", 32, "Input size (sets the VGG classifier width).")
 FLAGS = flags.FLAGS
 
 
@@ -42,20 +42,22 @@ def main(argv):
     config = FLAGS.config
     if FLAGS.model:
         config.model = FLAGS.model
-    config.num_classes = FLAGS.num_classes
+    num_classes, state_dict_path = FLAGS["num-classes"].value, FLAGS["state-dict"].value
+    config.num_classes = num_classes
     train.validate_config(config)
-    shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.in_channels)
-    model = train.create_model(config, shape, FLAGS.num_classes)
-    interop.import_state_dict(model, interop.load_state_dict_file(FLAGS.state_dict))
+    size, channels = FLAGS["image-size"].value, FLAGS["in-channels"].value
+    shape = (size, size, channels)
+    model = train.create_model(config, shape, num_classes)
+    interop.import_state_dict(model, interop.load_state_dict_file(state_dict_path))
     tx = train.create_optimizer(config, lambda step: config.learning_rate)
-    _, state = train.create_state(config, shape, FLAGS.num_classes, tx, model=model)
+    _, state = train.create_state(config, shape, num_classes, tx, model=model)
     latest, _ = train.checkpoint_managers(FLAGS.workdir, config.keep_checkpoints)
     if latest.all_steps():
         raise ValueError(f"workdir={FLAGS.workdir!r}: already holds checkpoints; "
                          f"import into an empty workdir")
     latest.save(0, args=ocp.args.StandardSave(state))
     latest.wait_until_finished()
-    print(f"imported {FLAGS.state_dict} into {config.model}: "
+    print(f"imported {state_dict_path} into {config.model}: "
           f"{os.path.join(FLAGS.workdir, 'checkpoints', '0')}")
 
 

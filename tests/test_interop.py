@@ -111,8 +111,8 @@ def test_import_cli_writes_a_checkpoint_that_training_resumes(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
         [sys.executable, os.path.join(root, "experiments", "import_reference.py"),
-         "--model", "vgg_tiny", "--state_dict", str(tmp_path / "ref.npz"), "--workdir",
-         str(tmp_path / "run"), "--in_channels", "1", "--image_size", "8"],
+         "--model", "vgg_tiny", "--state-dict", str(tmp_path / "ref.npz"), "--workdir",
+         str(tmp_path / "run"), "--in-channels", "1", "--image-size", "8"],
         capture_output=True, text=True, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints")) as manager:
