@@ -34,9 +34,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    for name in args.methods:
-        if name not in methods.METHODS:
-            raise ValueError(f"--methods={name!r}: allowed values are {', '.join(methods.METHODS)}")
+    cli_errors.check_choices("--methods", args.methods, list(methods.METHODS))
     runs = []
     for method in args.methods:
         for mode in args.step_modes:

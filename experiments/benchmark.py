@@ -21,6 +21,7 @@ import jax
 
 import cli_errors
 from ratebp_jax import analysis, methods, models
+from ratebp_jax.layers import STEP_MODES
 
 
 def parse_args(argv=None):
@@ -39,20 +40,15 @@ def parse_args(argv=None):
 
 
 def run(args) -> list[dict]:
-    for name in args.methods:
-        if name not in methods.METHODS:
-            raise ValueError(f"--methods={name!r}: allowed values are {', '.join(methods.METHODS)}")
-    for mode in args.step_modes:
-        if mode not in ("multi", "single"):
-            raise ValueError(f"--step-modes={mode!r}: allowed values are multi, single")
+    cli_errors.check_choices("--methods", args.methods, list(methods.METHODS))
+    cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
     if min(args.T) < 1 or args.batch < 1 or args.repeats < 1:
         raise ValueError("--T, --batch and --repeats must be >= 1")
     model = models.create_model(args.model, num_classes=args.num_classes,
                                 image_size=args.image_size)
     net, params, batch_stats = methods.split_model(model)
-    key_x, key_y = jax.random.split(jax.random.key(0))
-    batch = {"image": jax.random.normal(key_x, (args.batch, args.image_size, args.image_size, 3)),
-             "label": jax.random.randint(key_y, (args.batch,), 0, args.num_classes)}
+    batch = analysis.random_batch(jax.random.key(0), args.batch, args.image_size, 3,
+                                  args.num_classes)
     rows = []
     for mode in args.step_modes:
         for T in args.T:

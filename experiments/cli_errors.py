@@ -13,3 +13,10 @@ def run(main) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_choices(flag: str, values, allowed) -> None:
+    """Every value of a multi-valued flag must be one of ``allowed``."""
+    for value in values:
+        if value not in allowed:
+            raise ValueError(f"{flag}={value!r}: allowed values are {', '.join(allowed)}")

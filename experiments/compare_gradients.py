@@ -17,6 +17,7 @@ import jax
 
 import cli_errors
 from ratebp_jax import analysis, methods, models, neurons
+from ratebp_jax.layers import STEP_MODES
 
 
 def parse_args(argv=None):
@@ -46,15 +47,10 @@ def validate(args):
     for T in args.T:
         if T < 1:
             raise ValueError(f"--T={T}: every T must be >= 1")
-    for name in args.methods:
-        if name not in methods.METHODS:
-            raise ValueError(f"--methods={name!r}: allowed values are {', '.join(methods.METHODS)}")
-    for mode in args.step_modes:
-        if mode not in ("multi", "single"):
-            raise ValueError(f"--step-modes={mode!r}: allowed values are multi, single")
-    if args.rate_grad_scale not in methods.RATE_GRAD_SCALES:
-        raise ValueError(f"--rate-grad-scale={args.rate_grad_scale!r}: allowed values are "
-                         f"{', '.join(methods.RATE_GRAD_SCALES)}")
+    cli_errors.check_choices("--methods", args.methods, list(methods.METHODS))
+    cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    cli_errors.check_choices("--rate-grad-scale", [args.rate_grad_scale],
+                             methods.RATE_GRAD_SCALES)
 
 
 def compare(args) -> list[dict]:
@@ -63,12 +59,8 @@ def compare(args) -> list[dict]:
                                 in_channels=args.in_channels, image_size=args.image_size,
                                 neuron=neurons.NeuronConfig(reset=args.reset), seed=args.seed)
     net, params, batch_stats = methods.split_model(model)
-    key_x, key_y = jax.random.split(jax.random.key(args.seed + 1))
-    batch = {
-        "image": args.input_scale * jax.random.normal(
-            key_x, (args.batch, args.image_size, args.image_size, args.in_channels)),
-        "label": jax.random.randint(key_y, (args.batch,), 0, args.num_classes),
-    }
+    batch = analysis.random_batch(jax.random.key(args.seed + 1), args.batch, args.image_size,
+                                  args.in_channels, args.num_classes, scale=args.input_scale)
     results = []
     for step_mode in args.step_modes:
         for T in args.T:

@@ -60,6 +60,14 @@ def compare_gradients(grads, grads_ref) -> dict:
             "max_rel_err": max(p["rel_err"] for p in per_param), "per_param": per_param}
 
 
+def random_batch(key, batch: int, image_size: int, channels: int, num_classes: int,
+                 scale: float = 1.0) -> dict:
+    """``{"image": N(0, scale^2) [B, S, S, C], "label": uniform [B]}`` for probing methods."""
+    key_x, key_y = jax.random.split(key)
+    return {"image": scale * jax.random.normal(key_x, (batch, image_size, image_size, channels)),
+            "label": jax.random.randint(key_y, (batch,), 0, num_classes)}
+
+
 def param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
