@@ -110,7 +110,8 @@ def profile_step(method: str, net, params, batch_stats, batch, *, T: int, step_m
     from ratebp_jax import methods
     fn = methods.make_grad_fn(method, net, T=T, step_mode=step_mode, **method_kwargs)
     compiled, stats = compile_with_stats(fn, params, batch_stats, batch)
-    stats["step_s"] = median_time(compiled, params, batch_stats, batch, repeats=repeats)
+    stats["step_s"] = (median_time(compiled, params, batch_stats, batch, repeats=repeats)
+                       if repeats else None)  # repeats=0: memory and compile time only
     return stats
 
 
@@ -123,5 +124,6 @@ def profile_inference(net, params, batch_stats, images, *, T: int, step_mode: st
         return methods.spike_inference(net, params, batch_stats, images, T=T,
                                        step_mode=step_mode)[0]
     compiled, stats = compile_with_stats(infer, params, batch_stats, images)
-    stats["infer_s"] = median_time(compiled, params, batch_stats, images, repeats=repeats)
+    stats["infer_s"] = (median_time(compiled, params, batch_stats, images, repeats=repeats)
+                        if repeats else None)
     return stats
