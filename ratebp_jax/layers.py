@@ -45,6 +45,8 @@ class Ctx:
     record: the spike pass records what the rate pass needs.
     remat: recompute each LIF's (multi) or each time step's (single) internals in the
       backward pass instead of storing them (rematerialised BPTT).
+    temporal_grad: False stops the gradient through each LIF's membrane carry between
+      time steps, leaving only the spatial path of every step (SLTT, OTTT).
     """
 
     phase: str = "spike"
@@ -53,6 +55,7 @@ class Ctx:
     train: bool = True
     record: bool = False
     remat: bool = False
+    temporal_grad: bool = True
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -97,9 +100,9 @@ class LIF(nnx.Module):
                 self.rate.set_value(rate)
                 self.elig.set_value(elig)
             else:
-                scan = jax.checkpoint(neurons.lif_scan, static_argnums=1) if ctx.remat \
+                scan = jax.checkpoint(neurons.lif_scan, static_argnums=(1, 2)) if ctx.remat \
                     else neurons.lif_scan
-                spikes = scan(x_TxN, self.cfg)
+                spikes = scan(x_TxN, self.cfg, ctx.temporal_grad)
             return spikes.reshape(x.shape)
         if ctx.record:
             fields = (self.u, self.eps_d, self.rate, self.elig)
@@ -109,7 +112,10 @@ class LIF(nnx.Module):
             for field, value in zip(fields, carry):
                 field.set_value(value)
             return s
-        u, s, _ = neurons.lif_step(self.u.get_value(), x, self.cfg)
+        u_prev = self.u.get_value()
+        if not ctx.temporal_grad:
+            u_prev = jax.lax.stop_gradient(u_prev)
+        u, s, _ = neurons.lif_step(u_prev, x, self.cfg)
         self.u.set_value(u)
         return s
 

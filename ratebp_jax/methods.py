@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ratebp_jax.layers import Ctx, Membrane, Record, STEP_MODES
+from ratebp_jax.layers import LIF, Ctx, Membrane, Record, STEP_MODES
 
 RATE_GRAD_SCALES = ("exact", "reference")
 
@@ -218,7 +218,327 @@ def bptt_remat(net: Network, **kwargs) -> Callable:
     return bptt(net, remat=True, **kwargs)
 
 
-METHODS: dict[str, Callable] = {"bptt": bptt, "bptt_remat": bptt_remat, "rate": rate}
+# --------------------------------------------------------------------------- SLTT and OTTT
+# Both baselines differentiate only the spatial path of each time step: the membrane carry
+# u_{t-1} -> v_t is cut (Ctx.temporal_grad=False), and the loss is the per-step
+#     L = (1/T) sum_t CE(o_t, y),
+# o_t the logits of step t, as in both official implementations (SLTT's train_SLTT.py and
+# OTTT's train_cifar.py divide each step's loss by T and backpropagate it at that step; we
+# leave out their optional MSE term). At T=1 this equals BPTT's CE(mean_t o_t, y), and both
+# methods' gradients equal BPTT's. The reported ``loss`` is L over all T steps and
+# ``aux["logits"]`` the time mean of o_t, as for the other methods.
+#
+# step_mode="single" is the papers' online form: a lax.scan over t whose body takes the
+# gradient of step t's loss and adds it to a gradient carry, so nothing per step is kept and
+# compiled memory does not grow with T. BatchNorm uses each step's batch statistics, and
+# its gradient flows through them within the step. step_mode="multi" computes the same
+# formula on the folded [T*B, ...] layout with one backward pass over all steps (memory
+# grows with T, as for BPTT). There BatchNorm pools its statistics over T*B, which couples
+# the steps through the statistics, so multi and single gradients agree only without BN.
+def _check_K(K, T):
+    if K is not None and not (isinstance(K, int) and not isinstance(K, bool) and 1 <= K <= T):
+        raise ValueError(f"K={K!r}: must be an integer with 1 <= K <= T={T}")
+
+
+def _step_key(batch, seed: int):
+    """The key SLTT-K draws its time steps from, a pure function of ``(seed, batch)``.
+
+    ``batch["rng"]``, if present, is a PRNG key (typed, or legacy ``uint32[2]`` key data),
+    used as is, or an integer such as the training step, folded into
+    ``jax.random.key(seed)``. Without it, a fingerprint of
+    the batch is folded in: the wrapping uint32 sum of the image and label bits, which does
+    not depend on the reduction order. Different batches then draw different steps.
+    """
+    base = jax.random.key(seed)
+    rng = batch.get("rng")
+    if rng is not None:
+        rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            return rng
+        if rng.shape == (2,) and rng.dtype == jnp.uint32:
+            return jax.random.wrap_key_data(rng)
+        return jax.random.fold_in(base, rng.astype(jnp.uint32))
+    bits = jax.lax.bitcast_convert_type(batch["image"].astype(jnp.float32), jnp.uint32)
+    labels = batch["label"].astype(jnp.uint32)
+    fingerprint = (jnp.sum(bits, dtype=jnp.uint32)
+                   + jnp.uint32(2654435761) * jnp.sum(labels, dtype=jnp.uint32))
+    return jax.random.fold_in(base, fingerprint)
+
+
+def sltt_steps(batch, *, T: int, K: int, seed: int = 0):
+    """Boolean mask ``[T]`` of the K distinct time steps SLTT-K backpropagates at, drawn
+    uniformly without replacement (``torch.randperm(T)[:K]`` in the official
+    train_SLTTK.py) from the key of :func:`_step_key`."""
+    _check_K(K, T)
+    perm = jax.random.permutation(_step_key(batch, seed), T)
+    return jnp.zeros((T,), bool).at[perm[:K]].set(True)
+
+
+def _weight_grad_at(op):
+    """``op(x, w)``, whose VJP w.r.t. ``w`` is taken at a third argument ``a_hat``.
+
+    ``op`` is bilinear (a convolution or a dot product), so its VJP w.r.t. ``x`` does not
+    depend on ``x``: the input gradient stays the spatial ``W^T delta`` while the weight
+    gradient becomes ``delta (x) a_hat`` instead of ``delta (x) x``. This is OTTT's
+    ``GradwithTrace``, without running the layer twice. ``a_hat`` gets no gradient.
+    """
+    @jax.custom_vjp
+    def apply(x, w, a_hat):
+        del a_hat
+        return op(x, w)
+
+    def fwd(x, w, a_hat):
+        return op(x, w), (w, a_hat)
+
+    def bwd(res, g):
+        w, a_hat = res
+        _, vjp = jax.vjp(op, a_hat, w)
+        g_x, g_w = vjp(g)
+        return g_x, g_w, jnp.zeros_like(a_hat)
+
+    apply.defvjp(fwd, bwd)
+    return apply
+
+
+def _trace_decay(model, trace_decay):
+    if trace_decay is not None:
+        if not 0.0 <= trace_decay < 1.0:
+            raise ValueError(f"trace_decay={trace_decay!r}: must satisfy 0 <= trace_decay < 1")
+        return trace_decay
+    lams = {m.cfg.lam for _, m in nnx.iter_modules(model) if isinstance(m, LIF)}
+    if len(lams) != 1:
+        raise ValueError(f"trace_decay=None: the network's LIF layers have decays "
+                         f"{sorted(lams)}, so there is no single neuron decay to use; "
+                         f"pass trace_decay")
+    return lams.pop()
+
+
+def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_trace: bool):
+    """Make every ``nnx.Conv`` / ``nnx.Linear`` of the merged ``model`` (a fresh copy made
+    inside this trace) form its weight gradient from the presynaptic trace of its input.
+
+    The trace ``a_hat_t = lam * a_hat_{t-1} + a_t`` of the layer's input ``a_t`` runs over
+    time: in single step mode from ``traces_in`` (keyed by layer path and call number, or
+    None for zeros), in multi step mode along the folded time axis. A layer fed the raw
+    network input ``x_in`` itself keeps its instantaneous input unless ``input_trace`` (the
+    official code's OTTTSequential only wraps layers fed by [spike, trace] pairs).
+
+    Returns the dict the hooks fill with each layer's new trace (empty in multi mode), and
+    a list the hooks append the paths of layers fed ``x_in`` to.
+    """
+    traces_out, calls, input_layers = {}, {}, []
+
+    def hook(op, path):
+        def traced(x, w, *args, **kwargs):
+            n = calls[path] = calls.get(path, -1) + 1
+            key = f"{path}#{n}"
+            a = jax.lax.stop_gradient(x)
+            if ctx.step_mode == "single":
+                prev = None if traces_in is None else traces_in[key]
+                a_hat = a if prev is None else lam * prev + a
+                traces_out[key] = a_hat
+            else:
+                a_T = a.reshape((ctx.T, -1) + a.shape[1:])
+                _, a_hat = jax.lax.scan(lambda c, a_t: (lam * c + a_t,) * 2,
+                                        jnp.zeros_like(a_T[0]), a_T)
+                a_hat = a_hat.reshape(a.shape)
+            if x is x_in:
+                input_layers.append(path)
+                if not input_trace:
+                    a_hat = a
+            return _weight_grad_at(lambda x_, w_: op(x_, w_, *args, **kwargs))(x, w, a_hat)
+        return traced
+
+    for path, module in nnx.iter_modules(model):
+        name = "/".join(map(str, path))
+        if isinstance(module, nnx.Conv):
+            module.conv_general_dilated = hook(module.conv_general_dilated, name)
+        elif isinstance(module, nnx.Linear):
+            module.dot_general = hook(module.dot_general, name)
+    return traces_out, input_layers
+
+
+def _spatial_method(net: Network, *, T: int, step_mode: str, K, seed: int, traces: bool,
+                    trace_decay, input_trace: bool) -> Callable:
+    """The shared engine of SLTT, SLTT-K and OTTT (see the comment block above)."""
+    _check(step_mode, T)
+    _check_K(K, T)
+    ctx = Ctx("spike", step_mode, T, train=True, record=False, temporal_grad=False)
+
+    def run(params, batch_stats, transient, x, traces_in):
+        """One differentiable call of the model: one step (single) or all T (multi)."""
+        model = net.merge(params, batch_stats, transient)
+        traces_out = None
+        if traces:
+            traces_out, input_layers = _install_trace_hooks(
+                model, x_in=x, traces_in=traces_in, ctx=ctx,
+                lam=_trace_decay(model, trace_decay), input_trace=input_trace)
+        logits = model(x, ctx)
+        if traces and not input_trace and not input_layers:
+            # The input-layer rule recognises the network input by identity; a model that
+            # reshapes or pools it before its first weight layer would silently get the
+            # trace there instead.
+            raise ValueError("input_trace=False: no convolution or dense layer is applied "
+                             "to the network input itself, so the layers fed by the input "
+                             "cannot be told apart; pass input_trace=True")
+        _, new_stats, new_transient = _split(model)
+        return logits, new_stats, new_transient, traces_out
+
+    def grad_multi(params, batch_stats, images, labels, mask):
+        x_TxB = time_major(images, T)
+        B = x_TxB.shape[1]
+        x_in = x_TxB.reshape((T * B,) + x_TxB.shape[2:])
+
+        def loss_fn(params):
+            logits, new_stats, _, _ = run(params, batch_stats, net.transient, x_in, None)
+            logits = logits.reshape((T, B, -1))
+            per_step = jax.vmap(cross_entropy, (0, None))(logits, labels)
+            loss = per_step.mean()
+            loss_for_grad = loss if mask is None else jnp.sum(per_step * mask) / T
+            return loss_for_grad, (loss, logits.mean(0), new_stats)
+
+        (_, (loss, logits, new_stats)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(params)
+        return loss, logits, new_stats, grads
+
+    def grad_single(params, batch_stats, images, labels, mask):
+        static = images.ndim == 4  # fed at every step without materialising T copies
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+
+        def step(carry, xs):
+            stats, transient, traces_in, grads, loss_sum, logits_sum = carry
+            x_B, m = xs
+            x = images if static else x_B
+
+            def loss_t(params):
+                logits, new_stats, new_transient, traces_out = run(
+                    params, stats, transient, x, traces_in)
+                return (cross_entropy(logits, labels) / T,
+                        (logits, new_stats, new_transient, traces_out))
+
+            def with_grad(_):
+                (loss, aux), g = jax.value_and_grad(loss_t, has_aux=True)(params)
+                return loss, aux, g
+
+            def forward_only(_):
+                loss, aux = loss_t(jax.lax.stop_gradient(params))
+                return loss, aux, zero_grads
+
+            if m is None:
+                loss, aux, g = with_grad(None)
+            else:
+                loss, aux, g = jax.lax.cond(m, with_grad, forward_only, None)
+            logits, stats, transient, traces_out = aux
+            grads = jax.tree.map(jnp.add, grads, g)
+            return (stats, transient, traces_out, grads, loss_sum + loss,
+                    logits_sum + logits / T), None
+
+        x_first = images if static else images[0]
+        # The carry needs fixed shapes: take them from one abstract step, start from zeros.
+        logits, _, transient, traces_out = jax.eval_shape(
+            lambda: run(params, batch_stats, net.transient, x_first, None))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             (transient, traces_out, zero_grads, jnp.zeros(()), logits))
+        carry = (batch_stats,) + zeros
+        (new_stats, _, _, grads, loss, logits), _ = jax.lax.scan(
+            step, carry, (None if static else images, mask), length=T)
+        return loss, logits, new_stats, grads
+
+    def grad_fn(params, batch_stats, batch):
+        check_batch(batch, T)
+        mask = None if K is None else sltt_steps(batch, T=T, K=K, seed=seed)
+        run_mode = grad_single if step_mode == "single" else grad_multi
+        loss, logits, new_stats, grads = run_mode(params, batch_stats, batch["image"],
+                                                  batch["label"], mask)
+        return (loss, {"logits": logits, "batch_stats": new_stats}), grads
+
+    return grad_fn
+
+
+def sltt(net: Network, *, T: int, step_mode: str = "single", K: int | None = None,
+         seed: int = 0, **unused) -> Callable:
+    """Spatial learning through time (Meng et al., "Towards Memory- and Time-Efficient
+    Backpropagation for Training Spiking Neural Networks", ICCV 2023, arXiv:2302.14311).
+
+    The paper splits BPTT's gradient into a spatial part (through ``s^l[t] -> u^{l+1}[t]``
+    within a step) and a temporal part (through ``u^l[t] -> u^l[t+1]``), observes that the
+    temporal part contributes little, and keeps only the spatial one (the paper's Sec. 4,
+    "Spatial Learning Through Time"). With ``delta^l_t = dL/dv^l_t`` along the spatial path
+    of step t only,
+
+        dL/dW^l = sum_t  delta^{l+1}_t (x) s^l_t,
+        delta^l_t = (W^{l+1 T} delta^{l+1}_t) * sg(v^l_t),
+
+    i.e. BPTT's recursion with ``du^l_t/du^l_{t-1}`` set to zero; the official neuron does
+    this by detaching the membrane at every charge (``self.v.detach() * decay + x``). The
+    reset then carries no gradient either, so every reset mode gives the same rule.
+
+    ``K`` (SLTT-K, same paper): backpropagate only at K time steps drawn at random without
+    replacement (:func:`sltt_steps`); the gradient is ``sum_{t in S} d(CE(o_t, y)/T)/dW``
+    with no T/K rescaling, as in the official train_SLTTK.py. The reported loss still
+    averages all T steps. The draw is a pure function of ``seed`` and the batch: put a key
+    or the training step in ``batch["rng"]`` to control it. In single step mode the
+    unselected steps run forward only (a ``lax.cond``), which is where the time is saved.
+
+    Loss, BatchNorm and the step modes: see the comment block above :func:`_check_K`; the
+    default step mode is "single", the online form the paper uses.
+    """
+    del unused
+    return _spatial_method(net, T=T, step_mode=step_mode, K=K, seed=seed, traces=False,
+                           trace_decay=None, input_trace=False)
+
+
+def sltt_k(net: Network, *, K: int = 1, **kwargs) -> Callable:
+    """SLTT-K (see :func:`sltt`): SLTT with gradients at K random time steps (default 1)."""
+    return sltt(net, K=K, **kwargs)
+
+
+def ottt(net: Network, *, T: int, step_mode: str = "single", trace_decay: float | None = None,
+         input_trace: bool = False, **unused) -> Callable:
+    """Online training through time (Xiao et al., NeurIPS 2022, arXiv:2210.04195), in its
+    OTTT_A form: gradients accumulated over the T steps, one update per batch.
+
+    OTTT drops the temporal dependency of BPTT (as :func:`sltt` does; the official
+    ``OTTTLIFNode`` detaches its membrane every step) and recovers part of it by tracking
+    presynaptic activity (paper Sec. 4, "Online Training Through Time"): for a layer
+    ``y_t = W a_t`` feeding LIF neurons with decay ``lam``, ``du_t/dW`` summed along the
+    postsynaptic membrane, with the reset's dependency ignored as the paper does, is the
+    trace
+
+        a_hat_t = lam * a_hat_{t-1} + a_t     (a_hat_0 = 0),
+
+    and the gradient of the instantaneous loss ``L_t = CE(o_t, y)/T`` is
+
+        dL/dW += delta_t (x) a_hat_t,   delta_t = dL_t/dy_t along step t's spatial path.
+
+    Errors propagate to lower layers as in SLTT (``W^T delta_t``, no trace there); only the
+    weight gradients of convolutions and dense layers (the classifier too, as in the
+    official ``OTTTSequential``) use the trace. Biases and BatchNorm parameters keep their
+    instantaneous gradients. At T=1, ``a_hat = a`` and OTTT equals BPTT.
+
+    trace_decay: ``lam`` of the traces; None takes the network's neuron decay
+      ``NeuronConfig.lam`` (the official code uses the LIF's ``1 - 1/tau``).
+    input_trace: also use the trace for layers fed the raw network input. False (the
+      default) keeps their instantaneous input, as the official code does (only layers fed
+      by spiking neurons receive a [spike, trace] pair there).
+
+    Generalisations to the zoo, which the paper (VGG with scaled weight standardisation and
+    no BatchNorm) does not cover: the trace is that of each weight layer's actual input
+    (a sum of spikes after a SEW add, the real-valued residual stream in PreAct-ResNet, the
+    pooled spikes after a max pool), and BatchNorm uses per-step batch statistics in single
+    step mode, with ``delta_t`` taken through them (see the comment block above
+    :func:`_check_K`). Implementation: each merged ``nnx.Conv``/``nnx.Linear`` gets its
+    ``conv_general_dilated``/``dot_general`` replaced by a custom-VJP op whose weight VJP
+    is evaluated at the trace; the traces are carried by the time scan. In single step mode
+    compiled memory does not grow with T.
+    """
+    del unused
+    return _spatial_method(net, T=T, step_mode=step_mode, K=None, seed=0, traces=True,
+                           trace_decay=trace_decay, input_trace=input_trace)
+
+
+METHODS: dict[str, Callable] = {"bptt": bptt, "bptt_remat": bptt_remat, "rate": rate,
+                                "sltt": sltt, "sltt_k": sltt_k, "ottt": ottt}
 
 
 def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:

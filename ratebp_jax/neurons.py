@@ -150,12 +150,16 @@ def lif_step(u_prev, x, cfg: NeuronConfig):
     return reset_membrane(v, s, cfg), s, v
 
 
-def lif_scan(x_TxN, cfg: NeuronConfig):
+def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True):
     """Run the LIF over time from rest (``u_0 = 0``). Differentiable (BPTT).
 
     x_TxN: input current, time-major, any trailing shape. Returns spikes_TxN.
+    temporal_grad=False stops the gradient through the membrane carry ``u_{t-1} -> v_t``
+    (only the spatial path of each step is differentiated, as in SLTT and OTTT).
     """
     def body(u, x):
+        if not temporal_grad:
+            u = jax.lax.stop_gradient(u)
         u, s, _ = lif_step(u, x, cfg)
         return u, s
 
