@@ -203,6 +203,7 @@ def checkpoint_managers(workdir, keep: int):
     """``latest`` (resume) and ``best`` (highest test accuracy) orbax managers. Orbax writes
     to a temporary directory and renames it on commit, so a killed run never leaves a
     half-written checkpoint that looks complete."""
+    workdir = os.path.abspath(workdir)  # orbax needs absolute paths
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=opts)
     best = ocp.CheckpointManager(os.path.join(workdir, "best"),
@@ -312,6 +313,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     rerunning resumes exactly there.
     """
     validate_config(config)
+    workdir = os.path.abspath(workdir)
     dataset = data.load_dataset(config)
     if dataset.time_steps is not None and dataset.time_steps != config.T:
         raise ValueError(f"T={config.T}: dataset {dataset.name!r} gives {dataset.time_steps} "

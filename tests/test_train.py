@@ -42,6 +42,17 @@ def test_training_writes_records_and_learns(tmp_path):
     assert (tmp_path / "firing_rates.png").stat().st_size > 0
 
 
+def test_relative_workdir_trains_checkpoints_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(num_train_steps=2)
+    train.train_and_evaluate(config, os.path.join("runs", "rel"), log=lambda *_: None)
+    assert (tmp_path / "runs" / "rel" / "summary.json").exists()
+    logs = []
+    config.num_train_steps = 3
+    train.train_and_evaluate(config, os.path.join("runs", "rel"), log=logs.append)
+    assert any("resumed from step 2" in line for line in logs)
+
+
 def _final_params(workdir):
     import orbax.checkpoint as ocp
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
