@@ -390,6 +390,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
                         break
                 if bar is not None:
                     bar.update(1)
+                if bar is not None and sums["count"]:  # metrics arrive one step late
                     bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
                                     acc=f"{sums['accuracy'] / max(sums['count'], 1):.3f}",
                                     img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
