@@ -24,17 +24,25 @@ BN_FIELDS = {"weight": "scale", "bias": "bias", "running_mean": "mean",
 
 
 # --------------------------------------------------------------------------- name maps
+def _block_name(p, projection: str):
+    """``stages.i.j.{conv1,conv2,<projection>}.{conv,bn}`` -> the reference's
+    ``layer{i+1}.j.{conv1,bn1,conv2,bn2,<projection>.0,<projection>.1}``, else None."""
+    m = re.fullmatch(rf"stages\.(\d+)\.(\d+)\.(conv1|conv2|{projection})\.(conv|bn)", p)
+    if not m:
+        return None
+    stage, block, unit, part = m.groups()
+    prefix = f"layer{int(stage) + 1}.{block}."
+    if unit == projection:
+        return prefix + projection + (".0" if part == "conv" else ".1")
+    return prefix + (unit if part == "conv" else "bn" + unit[-1])
+
+
 def _resnet_name(path, model):
     p = ".".join(map(str, path))
     if p.startswith("stem."):
         return {"stem.conv": "conv0.0", "stem.bn": "conv0.1"}[p]
-    m = re.fullmatch(r"stages\.(\d+)\.(\d+)\.(conv1|conv2|shortcut)\.(conv|bn)", p)
-    if m:
-        stage, block, unit, part = m.groups()
-        prefix = f"layer{int(stage) + 1}.{block}."
-        if unit == "shortcut":
-            return prefix + ("shortcut.0" if part == "conv" else "shortcut.1")
-        return prefix + (unit if part == "conv" else "bn" + unit[-1])
+    if p.startswith("stages."):
+        return _block_name(p, "shortcut")
     if p == "hidden":
         return "classifier.0"
     if p == "fc":
@@ -77,13 +85,8 @@ def _preact_name(path, model):
     p = ".".join(map(str, path))
     if p in ("stem.conv", "stem.bn"):
         return "conv1" if p.endswith("conv") else "bn1"
-    m = re.fullmatch(r"stages\.(\d+)\.(\d+)\.(conv1|conv2|downsample)\.(conv|bn)", p)
-    if m:
-        stage, block, unit, part = m.groups()
-        prefix = f"layer{int(stage) + 1}.{block}."
-        if unit == "downsample":
-            return prefix + ("downsample.0" if part == "conv" else "downsample.1")
-        return prefix + (unit if part == "conv" else "bn" + unit[-1])
+    if p.startswith("stages."):
+        return _block_name(p, "downsample")
     return "fc" if p == "fc" else None
 
 
