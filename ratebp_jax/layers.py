@@ -42,7 +42,8 @@ class Ctx:
     step_mode: "multi" (input ``[T*B, ...]``) or "single" (input ``[B, ...]``, one step).
     T: number of time steps.
     train: BatchNorm uses batch statistics and updates its running statistics.
-    record: the spike pass records what the rate pass needs.
+    record: the spike pass records what the rate pass needs (with ``train=False``, only
+      the firing rates, for monitoring).
     remat: recompute each LIF's (multi) or each time step's (single) internals in the
       backward pass instead of storing them (rematerialised BPTT).
     temporal_grad: False stops the gradient through each LIF's membrane carry between
@@ -93,9 +94,13 @@ class LIF(nnx.Module):
     def __call__(self, x, ctx: Ctx):
         if ctx.phase == "rate":
             return ratebp.rate_lif(x, self.rate.get_value(), self.elig.get_value())
+        monitor_only = ctx.record and not ctx.train  # evaluation: firing rates, no eligibility
         if ctx.step_mode == "multi":
             x_TxN = x.reshape((ctx.T, -1) + x.shape[1:])
-            if ctx.record:
+            if monitor_only:
+                spikes = neurons.lif_scan(x_TxN, self.cfg)
+                self.rate.set_value(spikes.mean(0))
+            elif ctx.record:
                 spikes, rate, elig = neurons.lif_scan_with_eligibility(x_TxN, self.cfg)
                 self.rate.set_value(rate)
                 self.elig.set_value(elig)
@@ -104,7 +109,7 @@ class LIF(nnx.Module):
                     else neurons.lif_scan
                 spikes = scan(x_TxN, self.cfg, ctx.temporal_grad)
             return spikes.reshape(x.shape)
-        if ctx.record:
+        if ctx.record and not monitor_only:
             fields = (self.u, self.eps_d, self.rate, self.elig)
             carry = neurons.EligibilityCarry(*(f.get_value() for f in fields))
             carry, s = neurons.eligibility_step(
@@ -117,6 +122,8 @@ class LIF(nnx.Module):
             u_prev = jax.lax.stop_gradient(u_prev)
         u, s, _ = neurons.lif_step(u_prev, x, self.cfg)
         self.u.set_value(u)
+        if monitor_only:
+            _accumulate(self.rate, s, ctx)
         return s
 
 
