@@ -208,12 +208,16 @@ def export_state_dict(model) -> dict[str, np.ndarray]:
     return out
 
 
-def tree_to_reference(model, tree) -> dict[str, np.ndarray]:
-    """A params-shaped tree (e.g. gradients) in the reference's names and layouts."""
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def tree_to_reference(model, tree, *, buffers: bool = False) -> dict[str, np.ndarray]:
+    """A params-shaped tree (e.g. gradients), or with ``buffers=True`` a batch_stats-shaped
+    one, in the reference's names and layouts."""
     shadow = nnx.clone(model)
     nnx.update(shadow, tree)
     return {k: v for k, v in export_state_dict(shadow).items()
-            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+            if k.endswith(BUFFER_SUFFIXES) == buffers}
 
 
 def _path_of(model, target):

@@ -100,17 +100,8 @@ def run_reference_step(vec: dict, keys, dtype=np.float32):
                                    rate_grad_scale=vec["rate_grad_scale"])
     (loss, aux), grads = jax.jit(grad_fn)(params, batch_stats, batch)
     grads_sd = interop.tree_to_reference(model, grads)
-    after = nnx_update_copy(model, aux["batch_stats"])
-    buffers_sd = {k: v for k, v in interop.export_state_dict(after).items()
-                  if k.endswith(("running_mean", "running_var"))}
+    buffers_sd = interop.tree_to_reference(model, aux["batch_stats"], buffers=True)
     return float(loss), np.asarray(aux["logits"]), grads_sd, buffers_sd
-
-
-def nnx_update_copy(model, state):
-    from flax import nnx
-    clone = nnx.clone(model)
-    nnx.update(clone, state)
-    return clone
 
 
 def check_file(path: str, keys_dir: str | None = None, dtype=np.float32) -> dict:
