@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ratebp_jax import neurons, ratebp
+from ratebp_jax import convolution, neurons, ratebp
 
 PHASES = ("spike", "rate")
 STEP_MODES = ("multi", "single")
@@ -223,12 +223,14 @@ def _initializers(init: str, fan_in: int):
 def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, bias: bool, init: str,
          rngs: nnx.Rngs) -> nnx.Conv:
     """A PyTorch-style convolution: symmetric padding ``kernel // 2`` (not 'SAME', which
-    pads stride-2 convolutions asymmetrically and would break weight compatibility)."""
+    pads stride-2 convolutions asymmetrically and would break weight compatibility), with
+    the loop-friendly kernel gradient of ``convolution.py``."""
     kernel_init, bias_init = _initializers(init, in_ch * kernel * kernel)
     pad = kernel // 2
     return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride,
                     padding=((pad, pad), (pad, pad)), use_bias=bias,
-                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                    kernel_init=kernel_init, bias_init=bias_init,
+                    conv_general_dilated=convolution.conv_general_dilated, rngs=rngs)
 
 
 def dense(in_features: int, out_features: int, *, init: str, rngs: nnx.Rngs) -> nnx.Linear:

@@ -1,0 +1,89 @@
+"""A 2-D convolution whose kernel gradient XLA:CPU compiles fast inside loops.
+
+Why this exists: JAX's transpose rule forms the kernel gradient of an NHWC/HWIO
+convolution as a convolution with dimension labels ``f01b_i01o->01bf``. At the top level of
+a program XLA:CPU rewrites that into its fast library convolution, but inside a
+``while`` body (a ``lax.scan`` or ``fori_loop``) it does not, and falls back to a naive
+loop nest: measured on 2 CPU cores, a 3x3, 64-channel, 32x32, batch-16 kernel gradient took
+10.6 s for 4 loop iterations against 0.16 s written as below. Every method that takes
+gradients inside a time scan (BPTT, SLTT and OTTT in single step mode) hit that path.
+
+Here the kernel gradient is written directly as a convolution in the canonical layout:
+input channels play the batch, the batch plays the input features, and the output
+gradient is the kernel, dilated by the stride. XLA keeps that form in loop bodies. The
+value and the input gradient are JAX's own. Any configuration outside the plain case
+(dilations, feature groups, another layout, extra keyword arguments) is passed to
+``lax.conv_general_dilated`` unchanged.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, strides, padding, precision):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_nhwc(x, w, strides, padding, precision=None):
+    """``lax.conv_general_dilated`` in NHWC/HWIO with explicit ``padding`` pairs; see the
+    module docstring for why its VJP is written by hand."""
+    return _conv(x, w, strides, padding, precision)
+
+
+def _conv_fwd(x, w, strides, padding, precision):
+    return _conv(x, w, strides, padding, precision), (x, w)
+
+
+def kernel_grad(x, g, kernel_shape, strides, padding, precision=None):
+    """``d/dw <g, conv(x, w)>`` as one canonical-layout convolution.
+
+    ``dw[i, j, c, o] = sum_{b, p, q} x_pad[b, p*s + i, q*s + j, c] g[b, p, q, o]``: a
+    convolution of ``x`` (channels as batch, batch as features) with ``g`` (as the kernel,
+    dilated by the stride s). The high padding is trimmed by the rows the forward stride
+    skipped, so that the output is exactly the kernel's size.
+    """
+    pads = []
+    for size, k, s, (lo, hi) in zip(x.shape[1:3], kernel_shape[:2], strides, padding):
+        skipped = (size + lo + hi - k) % s
+        pads.append((lo, hi - skipped))
+    dw = lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pads,
+        rhs_dilation=strides, dimension_numbers=_NHWC, precision=precision)
+    return dw.transpose(1, 2, 0, 3)
+
+
+def _conv_bwd(strides, padding, precision, res, g):
+    x, w = res
+    _, input_vjp = jax.vjp(lambda x_: _conv(x_, w, strides, padding, precision), x)
+    (dx,) = input_vjp(g)
+    return dx, kernel_grad(x, g, w.shape, strides, padding, precision).astype(w.dtype)
+
+
+conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+    """Drop-in for ``lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls): the plain
+    NHWC case goes to :func:`conv_nhwc`, everything else to JAX unchanged."""
+    plain = (lhs.ndim == 4 and feature_group_count == 1
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+             and all(v is None for v in kwargs.values()))
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, precision=precision, **kwargs)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return conv_nhwc(lhs, rhs, tuple(window_strides), padding, precision)

@@ -1,0 +1,85 @@
+"""The convolution with a hand-written kernel gradient (ratebp_jax/convolution.py)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from ratebp_jax import convolution
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# (input size, kernel, stride, padding): the zoo's 3x3/s1, 3x3/s2, 1x1/s2 shortcut and 7x7/s2
+# stem, plus strides that skip rows at the border (sizes not divisible by the stride).
+CASES = [(8, 3, 1, 1), (8, 3, 2, 1), (8, 1, 2, 0), (9, 7, 2, 3), (7, 3, 2, 1), (10, 4, 3, 2),
+         (6, 3, 2, 0)]
+
+
+def _operands(size, kernel, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(kx, (2, size, size, 3)),
+            jax.random.normal(kw, (kernel, kernel, 3, 4)))
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad", CASES)
+def test_value_and_vjp_equal_jax_convolution(size, kernel, stride, pad):
+    x, w = _operands(size, kernel)
+    padding = ((pad, pad), (pad, pad))
+    y, vjp = jax.vjp(lambda x, w: convolution.conv_nhwc(x, w, (stride, stride), padding), x, w)
+    y_ref, vjp_ref = jax.vjp(
+        lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                              dimension_numbers=NHWC), x, w)
+    g = jax.random.normal(jax.random.key(7), y.shape)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad", CASES[:4])
+def test_vjp_matches_finite_differences(size, kernel, stride, pad):
+    x, w = _operands(size, kernel, seed=1)
+    padding = ((pad, pad), (pad, pad))
+    check_grads(lambda x, w: convolution.conv_nhwc(x, w, (stride, stride), padding), (x, w),
+                order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+def test_other_configurations_fall_back_to_jax():
+    x, w = _operands(8, 3)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    for kwargs in ({"rhs_dilation": (2, 2)}, {"lhs_dilation": (2, 2)}):
+        got = convolution.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                               dimension_numbers=dn, **kwargs)
+        want = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,
+                                        **kwargs)
+        np.testing.assert_array_equal(got, want)
+    got = convolution.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn)
+    want = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn)
+    np.testing.assert_allclose(got, want, atol=1e-5)  # string padding takes the fast path
+
+
+def _conv_labels_of_scanned_grad(conv):
+    """The dimension labels of every convolution XLA compiles for the kernel gradient of a
+    convolution inside a ``lax.scan`` (a while loop)."""
+    x, w = _operands(8, 3)
+
+    def loss(w):
+        def body(c, _):
+            return c, jnp.sum(conv(x * c, w) ** 2)
+        return lax.scan(body, 1.0, None, length=3)[1].sum()
+
+    hlo = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
+    return set(re.findall(r"dim_labels=([\w>-]+)", hlo))
+
+
+def test_kernel_gradient_in_a_loop_compiles_to_canonical_convolutions():
+    # The slow path XLA:CPU takes inside loops is the non-canonical kernel-gradient layout
+    # that JAX's own transpose rule produces; ours must not produce it.
+    padding = ((1, 1), (1, 1))
+    ours = _conv_labels_of_scanned_grad(
+        lambda x, w: convolution.conv_nhwc(x, w, (2, 2), padding))
+    jaxs = _conv_labels_of_scanned_grad(
+        lambda x, w: lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=NHWC))
+    assert ours == {"b01f_01io->b01f"}, ours
+    assert jaxs != {"b01f_01io->b01f"}, "XLA no longer needs this workaround"
