@@ -10,7 +10,9 @@ step (temp_bytes, argument_bytes), compile time, and the median step time after 
 training method can beat. Ratios are taken within this one run: method/BPTT time and
 memory at the same T and step mode, step/inference time (the physical lower bound is about
 (T+3)/T for rate-BP and 3 for BPTT: one forward plus two backward passes' worth of work),
-and memory at T over memory at T=1.
+and memory at T over memory at T=1. All programs of one (step mode, T) are compiled first and
+then timed round robin, so that drift of the machine touches them alike. ``--breakdown``
+also times rate-BP's spike pass and rate pass on their own.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--step-modes", nargs="+", default=["multi", "single"])
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per step (median); 0: memory and compile time only")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time rate-BP's spike pass and rate pass (forward and backward) "
+                        "on their own, to show where its step time goes")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     return p.parse_args(argv)
@@ -53,17 +58,39 @@ def run(args) -> list[dict]:
     rows = []
     for mode in args.step_modes:
         for T in args.T:
-            infer = analysis.profile_inference(net, params, batch_stats, batch["image"], T=T,
-                                               step_mode=mode, repeats=args.repeats)
-            for method in args.methods:
-                stats = analysis.profile_step(method, net, params, batch_stats, batch, T=T,
-                                              step_mode=mode, repeats=args.repeats)
-                rows.append({"method": method, "step_mode": mode, "T": T, **stats,
-                             "infer_s": infer["infer_s"],
-                             "infer_temp_bytes": infer["temp_bytes"]})
-                print(f"  measured {method:<10} {mode:<6} T={T:<3} step {stats['step_s']}s "
-                      f"temp {stats['temp_bytes'] / 2**20:.1f} MiB", flush=True)
+            rows += measure(args, net, params, batch_stats, batch, mode, T)
     return add_ratios(rows)
+
+
+def measure(args, net, params, batch_stats, batch, mode, T) -> list[dict]:
+    """Compile inference, every method (and with ``--breakdown`` rate-BP's two passes) at
+    one (mode, T), then time them all round robin, so the ratios come from one run."""
+    programs = {"infer": analysis.inference_program(net, params, batch_stats, batch["image"],
+                                                    T=T, step_mode=mode)}
+    for method in args.methods:
+        programs[method] = analysis.step_program(method, net, params, batch_stats, batch,
+                                                 T=T, step_mode=mode)
+    if args.breakdown and "rate" in args.methods:
+        programs.update(analysis.rate_phase_programs(net, params, batch_stats, batch, T=T,
+                                                     step_mode=mode))
+    compiled, stats = {}, {}
+    for name, (fn, fn_args) in programs.items():
+        compiled[name], stats[name] = analysis.compile_with_stats(fn, *fn_args)
+    times = analysis.interleaved_medians(
+        {name: (compiled[name], fn_args) for name, (_, fn_args) in programs.items()},
+        repeats=args.repeats) if args.repeats else {}
+    rows = []
+    for method in args.methods:
+        row = {"method": method, "step_mode": mode, "T": T, **stats[method],
+               "step_s": times.get(method), "infer_s": times.get("infer"),
+               "infer_temp_bytes": stats["infer"]["temp_bytes"]}
+        if method == "rate" and "spike_pass" in programs:
+            row["spike_pass_s"] = times.get("spike_pass")
+            row["rate_pass_s"] = times.get("rate_pass")
+        rows.append(row)
+        print(f"  measured {method:<10} {mode:<6} T={T:<3} step {row['step_s']}s "
+              f"temp {row['temp_bytes'] / 2**20:.1f} MiB", flush=True)
+    return rows
 
 
 def add_ratios(rows):
@@ -80,6 +107,9 @@ def add_ratios(rows):
         r["temp_vs_bptt"] = ratio(r["temp_bytes"], bptt.get("temp_bytes"))
         r["step_over_infer"] = ratio(r["step_s"], r["infer_s"])
         r["temp_vs_first_T"] = ratio(r["temp_bytes"], base["temp_bytes"])
+        if "spike_pass_s" in r:
+            r["spike_pass_over_infer"] = ratio(r["spike_pass_s"], r["infer_s"])
+            r["rate_pass_over_infer"] = ratio(r["rate_pass_s"], r["infer_s"])
     return rows
 
 
@@ -96,6 +126,14 @@ def print_table(rows):
               f"{fmt(r['step_s'], 4):>8} {fmt(r['infer_s'], 4):>8} {fmt(r['time_vs_bptt']):>7} "
               f"{fmt(r['temp_vs_bptt']):>7} {fmt(r['step_over_infer'], 2):>8} "
               f"{fmt(r['temp_vs_first_T'], 2):>8}")
+    split = [r for r in rows if r.get("spike_pass_s") is not None]
+    if split:
+        print("\nrate-BP step by pass, over inference (floor: 1 for the spike pass, 3/T for "
+              "the rate pass)")
+        for r in split:
+            print(f"  {r['step_mode']:<7}T={r['T']:<3} spike pass "
+                  f"{r['spike_pass_over_infer']:.3f}  rate pass {r['rate_pass_over_infer']:.3f}"
+                  f" (3/T = {3 / r['T']:.3f})  whole step {r['step_over_infer']:.3f}")
 
 
 def plot(rows, path):

@@ -151,7 +151,8 @@ def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False,
 
     ``remat=True`` rematerialises: in single step mode each time step is a
     ``jax.checkpoint`` (only the neuron and BN state is stored per step); in multi step mode
-    each LIF's scan is (its membrane trace is recomputed from its input).
+    each unit (a residual block, a conv-BN-LIF layer; ``layers.call_unit``) keeps only its
+    input and recomputes the rest in its backward pass.
     """
     _check(step_mode, T)
     del unused

@@ -139,7 +139,9 @@ def reset_derivative(v, s, cfg: NeuronConfig):
             d = d + (cfg.v_reset - v) * surrogate_grad(v, cfg)
         return d
     if cfg.detach_reset:
-        return jnp.ones_like(v)
+        # A scalar: eps_t is then the same for every neuron and the carry stays scalar,
+        # which saves one tensor read and write per neuron and step in the spike pass.
+        return jnp.ones((), v.dtype)
     return 1.0 - cfg.thresh * surrogate_grad(v, cfg)
 
 
@@ -168,7 +170,8 @@ def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True):
 
 
 class EligibilityCarry(NamedTuple):
-    """Per-neuron carry of the spike pass: membrane, eps*d product, running means of s and eps*sg."""
+    """Per-neuron carry of the spike pass: membrane, eps*d product (a scalar when the reset
+    derivative d is constant), running means of s and eps*sg."""
 
     u: jax.Array
     eps_d: jax.Array
@@ -176,9 +179,10 @@ class EligibilityCarry(NamedTuple):
     elig: jax.Array
 
 
-def eligibility_init(shape, dtype=jnp.float32) -> EligibilityCarry:
+def eligibility_init(shape, cfg: NeuronConfig, dtype=jnp.float32) -> EligibilityCarry:
     zeros = jnp.zeros(shape, dtype)
-    return EligibilityCarry(zeros, zeros, zeros, zeros)
+    eps_d = jnp.zeros(jnp.shape(reset_derivative(zeros, zeros, cfg)), dtype)
+    return EligibilityCarry(zeros, eps_d, zeros, zeros)
 
 
 def eligibility_step(carry: EligibilityCarry, x, cfg: NeuronConfig, T: int):
@@ -209,5 +213,5 @@ def lif_scan_with_eligibility(x_TxN, cfg: NeuronConfig):
     T = x_TxN.shape[0]
     carry, spikes = jax.lax.scan(
         lambda c, x: eligibility_step(c, x, cfg, T),
-        eligibility_init(x_TxN.shape[1:], x_TxN.dtype), x_TxN)
+        eligibility_init(x_TxN.shape[1:], cfg, x_TxN.dtype), x_TxN)
     return spikes, carry.rate, carry.elig

@@ -51,13 +51,16 @@ def test_benchmark_reports_ratios_and_flat_single_mode_rate_memory(tmp_path):
     out = tmp_path / "b.json"
     proc = run_cli("benchmark.py", "--model", "resnet18_tiny", "--image-size", "8",
                    "--batch", "4", "--T", "2", "8", "--step-modes", "single",
-                   "--repeats", "1", "--json", str(out), "--plot", str(tmp_path / "b.png"))
+                   "--repeats", "1", "--breakdown", "--json", str(out),
+                   "--plot", str(tmp_path / "b.png"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {(r["method"], r["T"]): r for r in json.loads(out.read_text())["results"]}
     for key in ("temp_bytes", "argument_bytes", "compile_s", "step_s", "infer_s",
                 "time_vs_bptt", "temp_vs_bptt", "step_over_infer", "temp_vs_first_T"):
         assert key in rows["rate", 8]
     assert rows["bptt", 8]["time_vs_bptt"] == 1.0
+    assert rows["rate", 8]["spike_pass_s"] > 0 and rows["rate", 8]["rate_pass_s"] > 0
+    assert "spike_pass_s" not in rows["bptt", 8]
     assert rows["rate", 8]["temp_bytes"] <= 1.15 * rows["rate", 2]["temp_bytes"]
     assert rows["rate", 8]["temp_vs_bptt"] < 1.0
     assert (tmp_path / "b.png").stat().st_size > 0

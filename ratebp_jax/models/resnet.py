@@ -53,7 +53,7 @@ class ResNet(nnx.Module):
         self.fc = layers.dense(in_ch, num_classes, init=layers.TORCH_DEFAULT, rngs=rngs)
 
     def __call__(self, x, ctx: Ctx):
-        x = self.stem_lif(self.stem(x, ctx), ctx)
+        x = layers.call_unit((self.stem, self.stem_lif), x, ctx, layers.conv_then_lif)
         x = layers.run_stages(self.stages, x, ctx)
         x = layers.global_avg_pool(x)
         if self.hidden is not None:

@@ -55,6 +55,6 @@ class SEWResNet(nnx.Module):
         self.fc = layers.dense(widths[-1], num_classes, init=layers.TORCH_DEFAULT, rngs=rngs)
 
     def __call__(self, x, ctx: Ctx):
-        x = self.pool(self.stem(x, ctx), ctx)
+        x = self.pool(layers.call_unit(self.stem, x, ctx), ctx)
         x = layers.run_stages(self.stages, x, ctx)
         return self.fc(layers.global_avg_pool(x))

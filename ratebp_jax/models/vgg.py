@@ -78,8 +78,7 @@ class VGG(nnx.Module):
             if item in POOLS:
                 x = _pool(x, item)
             else:
-                x = next(units)(x, ctx)
-                x = next(units)(x, ctx)
+                x = layers.call_unit((next(units), next(units)), x, ctx, layers.conv_then_lif)
         x = x.reshape((x.shape[0], -1))
         for linear, lif in zip(self.classifier[:-1], self.classifier_lifs):
             x = lif(linear(x), ctx)
