@@ -99,8 +99,7 @@ class LIF(nnx.Module):
         if ctx.step_mode == "multi":
             x_TxN = x.reshape((ctx.T, -1) + x.shape[1:])
             if monitor_only:
-                spikes = neurons.lif_scan(x_TxN, self.cfg,
-                                          unroll=neurons.forward_unroll(ctx.T))
+                spikes = neurons.lif_scan(x_TxN, self.cfg)
                 self.rate.set_value(spikes.mean(0))
             elif ctx.record:
                 spikes, rate, elig = neurons.lif_scan_with_eligibility(x_TxN, self.cfg)

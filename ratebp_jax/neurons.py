@@ -152,25 +152,12 @@ def lif_step(u_prev, x, cfg: NeuronConfig):
     return reset_membrane(v, s, cfg), s, v
 
 
-# XLA:CPU runs a while loop over a few elementwise ops several times slower than the same
-# steps unrolled into one fusion (ResNet-18's first LIF at T=8, batch 16: 76 ms rolled,
-# 15 ms unrolled), while unrolling a differentiated scan makes its backward slower. The
-# forward-only scans (the spike pass, evaluation) are therefore unrolled up to this T.
-MAX_UNROLLED_T = 32
-
-
-def forward_unroll(T: int) -> int:
-    """``lax.scan``'s ``unroll`` for a forward-only scan over T steps."""
-    return T if T <= MAX_UNROLLED_T else 1
-
-
-def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True, unroll: int = 1):
+def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True):
     """Run the LIF over time from rest (``u_0 = 0``). Differentiable (BPTT).
 
     x_TxN: input current, time-major, any trailing shape. Returns spikes_TxN.
     temporal_grad=False stops the gradient through the membrane carry ``u_{t-1} -> v_t``
     (only the spatial path of each step is differentiated, as in SLTT and OTTT).
-    unroll: ``lax.scan``'s; forward-only callers pass ``forward_unroll(T)``.
     """
     def body(u, x):
         if not temporal_grad:
@@ -178,7 +165,7 @@ def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True, unroll: int =
         u, s, _ = lif_step(u, x, cfg)
         return u, s
 
-    _, spikes = jax.lax.scan(body, jnp.zeros_like(x_TxN[0]), x_TxN, unroll=unroll)
+    _, spikes = jax.lax.scan(body, jnp.zeros_like(x_TxN[0]), x_TxN)
     return spikes
 
 
@@ -226,6 +213,5 @@ def lif_scan_with_eligibility(x_TxN, cfg: NeuronConfig):
     T = x_TxN.shape[0]
     carry, spikes = jax.lax.scan(
         lambda c, x: eligibility_step(c, x, cfg, T),
-        eligibility_init(x_TxN.shape[1:], cfg, x_TxN.dtype), x_TxN,
-        unroll=forward_unroll(T))
+        eligibility_init(x_TxN.shape[1:], cfg, x_TxN.dtype), x_TxN)
     return spikes, carry.rate, carry.elig
