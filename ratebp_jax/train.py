@@ -233,6 +233,27 @@ def restore_latest(manager, state, log):
     return state, None
 
 
+def load_trained(config, workdir: str, *, best: bool = False, log=print):
+    """``(dataset, net, state)`` of a run of ``config`` in ``workdir``, for analysis.
+
+    ``state`` is the latest checkpoint, or with ``best=True`` the one with the highest test
+    accuracy, as the plain pytree of :func:`create_state`. Raises FileNotFoundError when the
+    run has no such checkpoint.
+    """
+    validate_config(config)
+    dataset = data.load_dataset(config)
+    steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+    tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch,
+                                                         config.num_epochs))
+    net, state = create_state(config, dataset.image_shape, dataset.num_classes, tx)
+    latest, best_manager = checkpoint_managers(workdir, config.keep_checkpoints)
+    state, step = restore_latest(best_manager if best else latest, state, log)
+    if step is None:
+        kind = "best" if best else "checkpoints"
+        raise FileNotFoundError(f"workdir={workdir!r}: no readable checkpoint in {kind}/")
+    return dataset, net, state
+
+
 def _quarantine(manager, step):
     directory = os.fspath(manager.directory)
     aside = os.path.join(os.path.dirname(directory), "corrupt_checkpoints")

@@ -53,6 +53,20 @@ def test_relative_workdir_trains_checkpoints_and_resumes(tmp_path, monkeypatch):
     assert any("resumed from step 2" in line for line in logs)
 
 
+def test_load_trained_restores_the_latest_and_best_states(tmp_path):
+    config = tiny_config(num_train_steps=2)
+    train.train_and_evaluate(config, str(tmp_path / "run"), log=lambda *_: None)
+    params, step = _final_params(str(tmp_path / "run"))
+    dataset, net, state = train.load_trained(config, str(tmp_path / "run"))
+    assert int(state["step"]) == step == 2
+    chex.assert_trees_all_equal(jax.tree.leaves(state["params"]), jax.tree.leaves(params))
+    assert dataset.num_classes == 10 and net.graphdef is not None
+    _, _, best = train.load_trained(config, str(tmp_path / "run"), best=True)
+    assert int(best["step"]) == 2  # the only evaluation was at the end
+    with pytest.raises(FileNotFoundError, match="workdir="):
+        train.load_trained(config, str(tmp_path / "empty"))
+
+
 def _final_params(workdir):
     import orbax.checkpoint as ocp
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
