@@ -93,14 +93,7 @@ def compile_with_stats(fn, *args) -> tuple[Any, dict]:
 def median_time(compiled, *args, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``compiled(*args)`` over ``repeats`` runs after ``warmup``,
     blocking on the result each time."""
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return interleaved_medians({"program": (compiled, args)}, repeats, warmup)["program"]
 
 
 def interleaved_medians(programs: dict, repeats: int = 5, warmup: int = 1) -> dict:

@@ -217,7 +217,6 @@ def restore_latest(manager, state, log):
     A corrupt newest checkpoint is reported, moved aside to ``corrupt_checkpoints/`` (so
     that the resumed run can write that step again) and the previous one is tried."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored_any = False
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -226,9 +225,6 @@ def restore_latest(manager, state, log):
                 f"{str(e).splitlines()[0][:200]}); moved aside, trying an older one")
             _quarantine(manager, step)
             continue
-        restored_any = True
-        break
-    if restored_any:
         return restored, step
     return state, None
 
