@@ -8,7 +8,6 @@ the final test accuracy and the mean wall time per method.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,41 +18,70 @@ import numpy as np
 import cli_errors
 from configs import default
 from ratebp_jax import methods, train
+from ratebp_jax.layers import STEP_MODES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=["bptt", "rate"])
-    p.add_argument("--step-modes", nargs="+", default=["multi", "single"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--num-epochs", type=int, default=None, help="default: the config's")
+    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=["bptt", "rate"],
+                   help=f"training methods, of {', '.join(methods.METHODS)}")
+    p.add_argument("--step-modes", nargs="+", default=["multi", "single"],
+                   help=f"step modes, of {', '.join(STEP_MODES)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one run per seed, each in [0, 2^32)")
+    p.add_argument("--num-epochs", type=int, default=None,
+                   help=">= 1 (default: the config's)")
     p.add_argument("--num-train-steps", type=int, default=0, help="> 0 overrides epochs")
-    p.add_argument("--T", type=int, default=None, help="default: the config's")
-    p.add_argument("--json", default=None)
+    p.add_argument("--T", type=int, default=None, help=">= 1 (default: the config's)")
+    p.add_argument("--json", default=None, help="write the runs and the summary here")
     return p.parse_args(argv)
 
 
+def validate(args):
+    """Every flag, before the first run trains or a file is written; a bad one raises
+    UsageError naming the flag, the value and what is allowed."""
+    cli_errors.check_choices("--methods", args.methods, methods.METHODS)
+    cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    for seed in args.seeds:
+        cli_errors.check_int("--seeds", seed, 0, 2**32 - 1)
+    if args.num_epochs is not None:
+        cli_errors.check_int("--num-epochs", args.num_epochs)
+    cli_errors.check_int("--num-train-steps", args.num_train_steps, 0)
+    if args.T is not None:
+        cli_errors.check_int("--T", args.T)
+    cli_errors.check_output_path("--json", args.json)
+
+
+def make_config(args, method, mode, seed):
+    """The default config with this run's method, step mode and seed and the flags'
+    overrides."""
+    c = default.get_config()
+    c.method, c.step_mode, c.seed = method, mode, seed
+    c.progress_bar, c.plots = False, False
+    if args.num_epochs is not None:
+        c.num_epochs = args.num_epochs
+    if args.T is not None:
+        c.T = args.T
+    c.num_train_steps = args.num_train_steps
+    return c
+
+
 def run(args) -> dict:
-    cli_errors.check_choices("--methods", args.methods, list(methods.METHODS))
+    validate(args)
+    plan = [(method, mode, seed) for method in args.methods for mode in args.step_modes
+            for seed in args.seeds]
+    configs = [make_config(args, *key) for key in plan]
+    for c in configs:  # a config the flags make invalid fails now, not after some runs
+        train.validate_config(c)
     runs = []
-    for method in args.methods:
-        for mode in args.step_modes:
-            for seed in args.seeds:
-                c = default.get_config()
-                c.method, c.step_mode, c.seed = method, mode, seed
-                c.progress_bar, c.plots = False, False
-                if args.num_epochs:
-                    c.num_epochs = args.num_epochs
-                if args.T:
-                    c.T = args.T
-                c.num_train_steps = args.num_train_steps
-                with tempfile.TemporaryDirectory() as workdir:
-                    s = train.train_and_evaluate(c, workdir, log=lambda *_: None)
-                runs.append({"method": method, "step_mode": mode, "seed": seed,
-                             "test_accuracy": s["final_test_accuracy"],
-                             "wall_time_s": s["wall_time_s"]})
-                print(f"  {method:<6} {mode:<6} seed {seed}: accuracy {s['final_test_accuracy']:.4f}"
-                      f" in {s['wall_time_s']:.1f}s", flush=True)
+    for (method, mode, seed), c in zip(plan, configs):
+        with tempfile.TemporaryDirectory() as workdir:
+            s = train.train_and_evaluate(c, workdir, log=lambda *_: None)
+        runs.append({"method": method, "step_mode": mode, "seed": seed,
+                     "test_accuracy": s["final_test_accuracy"],
+                     "wall_time_s": s["wall_time_s"]})
+        print(f"  {method:<6} {mode:<6} seed {seed}: accuracy {s['final_test_accuracy']:.4f}"
+              f" in {s['wall_time_s']:.1f}s", flush=True)
     summary = []
     for method in args.methods:
         for mode in args.step_modes:

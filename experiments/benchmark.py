@@ -16,8 +16,8 @@ also times rate-BP's spike pass and rate pass on their own.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 
 import jax
 
@@ -27,29 +27,67 @@ from ratebp_jax.layers import STEP_MODES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--methods", nargs="+", default=["bptt", "bptt_remat", "rate"])
-    p.add_argument("--step-modes", nargs="+", default=["multi", "single"])
+    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet18", help=f"one of {', '.join(models.MODELS)}")
+    p.add_argument("--batch", type=int, default=16, help="images per training step")
+    p.add_argument("--image-size", type=int, default=32, help="height and width of the images")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the classifier")
+    p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="simulation time steps to measure at")
+    p.add_argument("--methods", nargs="+", default=["bptt", "bptt_remat", "rate"],
+                   help=f"training methods, of {', '.join(methods.METHODS)}")
+    p.add_argument("--step-modes", nargs="+", default=["multi", "single"],
+                   help=f"step modes, of {', '.join(STEP_MODES)}")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per step (median); 0: memory and compile time only")
     p.add_argument("--breakdown", action="store_true",
                    help="also time rate-BP's spike pass and rate pass (forward and backward) "
-                        "on their own, to show where its step time goes")
-    p.add_argument("--json", default=None)
-    p.add_argument("--plot", default=None)
+                        "on their own, to show where its step time goes (needs rate in "
+                        "--methods)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--plot", default=None,
+                   help="draw memory and time against T into this image file (.png, .pdf, ...)")
     return p.parse_args(argv)
 
 
-def run(args) -> list[dict]:
-    cli_errors.check_choices("--methods", args.methods, list(methods.METHODS))
+def validate(args):
+    """Every flag, before anything is compiled or written; a bad one raises UsageError
+    naming the flag, the value and what is allowed."""
+    if args.model not in models.MODELS:
+        raise cli_errors.UsageError(
+            f"--model={args.model!r}: allowed values are {', '.join(models.MODELS)}"
+            f"{cli_errors.closest(args.model, models.MODELS)}")
+    for flag in ("--batch", "--image-size", "--num-classes"):
+        cli_errors.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
+    for T in args.T:
+        cli_errors.check_int("--T", T)
+    cli_errors.check_choices("--methods", args.methods, methods.METHODS)
     cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
-    if min(args.T) < 1 or args.batch < 1 or args.repeats < 0:
-        raise ValueError("--T and --batch must be >= 1, --repeats >= 0")
+    cli_errors.check_int("--repeats", args.repeats, 0)
+    if args.breakdown and "rate" not in args.methods:
+        raise cli_errors.UsageError(f"--breakdown: times rate-BP's passes, but --methods="
+                                    f"{' '.join(args.methods)} has no rate")
+    cli_errors.check_output_path("--json", args.json)
+    cli_errors.check_output_path("--plot", args.plot)
+    check_plot_format(args.plot)
+
+
+def check_plot_format(path):
+    """matplotlib refuses an unknown extension only when saving, after the whole run; a path
+    without one becomes a PNG."""
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in formats:
+        raise cli_errors.UsageError(f"--plot={path!r}: unknown image format {ext!r}; allowed "
+                                    f"are {', '.join(sorted(formats))}")
+
+
+def run(args) -> list[dict]:
+    validate(args)
     model = models.create_model(args.model, num_classes=args.num_classes,
                                 image_size=args.image_size)
     net, params, batch_stats = methods.split_model(model)

@@ -1,22 +1,194 @@
-"""One-line user errors for the command-line entry points: no traceback for bad input."""
+"""One-line user errors for the command-line entry points: no traceback for bad input.
+
+Every script validates its flags before it computes or writes anything. A bad value ends
+with one line on stderr, ``error: <flag>=<value>: <what is allowed>``, and exit status 2;
+``ArgumentParser`` makes argparse's own type errors follow the same form (argparse prints
+a usage block and a second line by default).
+"""
 from __future__ import annotations
 
+import argparse
+import difflib
+import math
+import os
+import re
 import sys
+import zipfile
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+               FileExistsError, PermissionError, IsADirectoryError, zipfile.BadZipFile)
 
 
-def run(main) -> None:
-    """Call ``main()``; a user error prints ``error: <message>`` and exits with status 2."""
+class UsageError(ValueError):
+    """A bad command line or config value; its message names the field and what is allowed."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run(main, argv=None) -> None:
+    """Call ``main(argv)``; a user error prints ``error: <message>`` and exits with status 2."""
     try:
-        main()
+        main(argv)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e) or type(e).__name__)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit 2) and defaults in every help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        fail(message)
+
+
+def closest(name: str, candidates) -> str:
+    """``"; did you mean X?"`` for the closest candidate, or ``""``."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def check_choices(flag: str, values, allowed) -> None:
-    """Every value of a multi-valued flag must be one of ``allowed``."""
+    """Every value of a (multi-valued) flag must be one of ``allowed``."""
+    allowed = list(allowed)
     for value in values:
         if value not in allowed:
-            raise ValueError(f"{flag}={value!r}: allowed values are {', '.join(allowed)}")
+            raise UsageError(f"{flag}={value!r}: allowed values are {', '.join(allowed)}")
+
+
+def check_int(flag: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    """``value`` must be an int (not a bool) in [minimum, maximum]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum and (
+        maximum is None or value <= maximum)
+    if not ok:
+        bound = f" and <= {maximum}" if maximum is not None else ""
+        raise UsageError(f"{flag}={value!r}: must be an integer >= {minimum}{bound}")
+
+
+def check_float(flag: str, value, low=None, high=None, *, low_open=False,
+                high_open=False) -> None:
+    """``value`` must be a finite real number in the given (half-)open or closed range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
+        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+        where = (f" in {lo}{hi}" if low is not None and high is not None
+                 else f" {'>' if low_open else '>='} {low}" if low is not None
+                 else f" {'<' if high_open else '<='} {high}" if high is not None else "")
+        raise UsageError(f"{flag}={value!r}: must be a finite number{where}")
+
+
+def check_bool(flag: str, value) -> None:
+    if not isinstance(value, bool):
+        raise UsageError(f"{flag}={value!r}: must be true or false")
+
+
+def check_output_path(flag: str, path) -> None:
+    """An output file's folder must exist and the path must not be a folder."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}={path!r}: is a directory; give a file path")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag}={path!r}: its folder {folder!r} does not exist")
+
+
+# --------------------------------------------------------------------------- absl + configs
+def define_config_flag(default_path: str, help_text: str) -> None:
+    """``--config``, a Python config file, defined without a default.
+
+    ml_collections would load a default file, and apply the ``--config.FIELD`` overrides,
+    while the script is being imported, where an error cannot become one line;
+    ``absl_flags_parser`` supplies ``default_path`` at parse time instead.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+    flags.FLAGS["config"].default_as_str = repr(os.path.relpath(default_path))  # for --help
+
+
+def absl_flags_parser(default_config: str):
+    """A ``flags_parser`` for ``absl.app.run`` with every error one line: a bad or missing
+    flag, a missing or failing ``--config`` file, a bad ``--config.FIELD`` value or an
+    unknown field (with the closest name)."""
+    from absl import flags
+
+    def parse(argv):
+        path = _config_arg(argv)
+        if path is None:
+            path, argv = default_config, [argv[0], f"--config={default_config}", *argv[1:]]
+        if not os.path.isfile(path.split(":", 1)[0]):
+            raise UsageError(f"--config={path!r}: no such file (a Python file with "
+                             f"get_config())")
+        try:
+            rest = flags.FLAGS(argv)
+            flags.FLAGS.config.keys()  # ml_collections defers a file's load error to first use
+            return rest
+        except Exception as e:  # noqa: BLE001 - absl and ml_collections raise many kinds
+            raise UsageError(_flag_error(e, argv, path)) from None
+    return parse
+
+
+def _config_arg(argv) -> str | None:
+    """The value of the last ``--config`` in ``argv``, or None."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        m = re.fullmatch(r"--?config(=(.*))?", arg)
+        if m:
+            value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+def _flag_error(error, argv, path) -> str:
+    """One line for ``error``, raised while parsing ``argv``: a missing required flag, the
+    config file's own failure, the first unknown ``--config.FIELD`` (ml_collections raises
+    AttributeError, KeyError or TypeError for it), else the gist of the error."""
+    from absl import flags
+    missing = re.findall(r"Flag (--[\w-]+) must have a value other than None", str(error))
+    if missing:
+        return f"{', '.join(missing)}: required, not given"
+    try:
+        config = flags.FLAGS["config"].parser.parse(path)
+        config.keys()
+    except Exception as e:  # noqa: BLE001 - the config file fails to run
+        return f"--config={path!r}: cannot load it ({_gist(e)})"
+    for arg in argv[1:]:
+        m = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+        if m and _unknown_field(config, m.group(1)):
+            return _unknown_field(config, m.group(1))
+    return _gist(error)
+
+
+def _unknown_field(config, field: str) -> str | None:
+    """``config.FIELD: no such field; did you mean ...?`` if ``field`` (dotted) is not in
+    ``config``, else None."""
+    from ml_collections import config_dict
+    node = config
+    for part in field.split("."):
+        if not isinstance(node, config_dict.ConfigDict) or part not in node:
+            keys = node.keys() if isinstance(node, config_dict.ConfigDict) else []
+            return f"config.{field}: no such field{closest(part, keys)}"
+        node = node[part]
+    return None
+
+
+def _gist(error) -> str:
+    """An exception's message on one line. absl starts each with ``flag ``; ml_collections
+    embeds a whole traceback in some, of which the last line says what went wrong."""
+    lines = [line.strip().removeprefix("flag ") for line in str(error).splitlines()
+             if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0]} {lines[-1]}"
+    return "; ".join(lines)

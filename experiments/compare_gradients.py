@@ -9,7 +9,6 @@ per-parameter relative error ``||g - g_bptt|| / ||g_bptt||``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -21,36 +20,47 @@ from ratebp_jax.layers import STEP_MODES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet18_tiny", help=f"one of {', '.join(models.MODELS)}")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--methods", nargs="+", default=["rate"])
-    p.add_argument("--step-modes", nargs="+", default=["multi", "single"])
+    p.add_argument("--batch", type=int, default=8, help="images in the random batch")
+    p.add_argument("--image-size", type=int, default=32, help="height and width of the images")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the classifier")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (2 for DVS)")
+    p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4],
+                   help="simulation time steps to compare at")
+    p.add_argument("--methods", nargs="+", default=["rate"],
+                   help=f"methods compared with BPTT, of {', '.join(methods.METHODS)}")
+    p.add_argument("--step-modes", nargs="+", default=["multi", "single"],
+                   help=f"step modes, of {', '.join(STEP_MODES)}")
     p.add_argument("--reset", default="soft", help=f"one of {', '.join(neurons.RESET_MODES)}")
     p.add_argument("--rate-grad-scale", default="exact",
                    help="exact (true rate-graph gradient) or reference (x 1/T, as the paper)")
     p.add_argument("--input-scale", type=float, default=1.0,
-                   help="std of the random N(0, s^2) input images")
-    p.add_argument("--seed", type=int, default=0)
+                   help="std of the random N(0, s^2) input images, > 0")
+    p.add_argument("--seed", type=int, default=0, help="weights and batch, in [0, 2^32)")
     p.add_argument("--json", default=None, help="write the full results here")
     return p.parse_args(argv)
 
 
 def validate(args):
-    for field in ("batch", "image_size", "num_classes", "in_channels"):
-        if getattr(args, field) < 1:
-            raise ValueError(f"--{field.replace('_', '-')}={getattr(args, field)}: must be >= 1")
+    """Every flag, before a model is built or a file written; a bad one raises UsageError
+    naming the flag, the value and what is allowed."""
+    if args.model not in models.MODELS:
+        raise cli_errors.UsageError(
+            f"--model={args.model!r}: allowed values are {', '.join(models.MODELS)}"
+            f"{cli_errors.closest(args.model, models.MODELS)}")
+    for flag in ("--batch", "--image-size", "--num-classes", "--in-channels"):
+        cli_errors.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
     for T in args.T:
-        if T < 1:
-            raise ValueError(f"--T={T}: every T must be >= 1")
-    cli_errors.check_choices("--methods", args.methods, list(methods.METHODS))
+        cli_errors.check_int("--T", T)
+    cli_errors.check_choices("--methods", args.methods, methods.METHODS)
     cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    cli_errors.check_choices("--reset", [args.reset], neurons.RESET_MODES)
     cli_errors.check_choices("--rate-grad-scale", [args.rate_grad_scale],
                              methods.RATE_GRAD_SCALES)
+    cli_errors.check_float("--input-scale", args.input_scale, 0, low_open=True)
+    cli_errors.check_int("--seed", args.seed, 0, 2**32 - 1)
+    cli_errors.check_output_path("--json", args.json)
 
 
 def compare(args) -> list[dict]:

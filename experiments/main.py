@@ -5,55 +5,111 @@
         --workdir runs/c10 --config.method=bptt --config.T=2
 
 ``--config`` is a Python file with ``get_config()`` (default: configs/default.py); any field
-can be overridden with ``--config.FIELD=VALUE``. The default workdir is ``runs/<name>``.
-Rerunning the same command resumes from the workdir's latest checkpoint. On a multi-host
-TPU/GPU cluster pass ``--distributed`` so that ``jax.distributed.initialize()`` runs first.
+can be overridden with ``--config.FIELD=VALUE``. The default workdir is
+``runs/<name>-<method>-<step_mode>-T<T>``. A workdir belongs to one run: rerunning the same
+command resumes from its latest checkpoint, a finished run says so and changes nothing, and
+a different config is refused (see ``ratebp_jax.workdir.RERUN_FIELDS``).
+
+Several processes (hosts) pass ``--distributed``: ``jax.distributed.initialize()`` then runs
+first, with ``--coordinator_address``, ``--num_processes`` and ``--process_id`` when given,
+otherwise reading the cluster's environment (SLURM, Cloud TPU). On CPU, cross-process
+collectives use gloo.
 """
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 import cli_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "default.py"),
-                                "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.name>).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
+cli_errors.define_config_flag(DEFAULT_CONFIG, "Training configuration file (a Python file "
+                              "with get_config()); override fields with --config.FIELD=VALUE.")
+flags.DEFINE_string("workdir", None,
+                    "Run directory (default: runs/<name>-<method>-<step_mode>-T<T>).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process).")
+flags.DEFINE_string("coordinator_address", None,
+                    "With --distributed: host:port of process 0's coordinator "
+                    "(default: from the cluster environment).")
+flags.DEFINE_integer("num_processes", None,
+                     "With --distributed: the number of processes (default: from the "
+                     "cluster environment).")
+flags.DEFINE_integer("process_id", None,
+                     "With --distributed: this process's index in [0, num_processes) "
+                     "(default: from the cluster environment).")
 FLAGS = flags.FLAGS
+
+
+def default_workdir(config) -> str:
+    """Runs that differ in method, step mode or T get their own directory by default."""
+    return os.path.join("runs", f"{config.name}-{config.method}-{config.step_mode}-T{config.T}")
+
+
+def check_distributed_flags():
+    given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes",
+                                                  "process_id")}
+    if not FLAGS.distributed:
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise cli_errors.UsageError(f"--{extra[0]}={given[extra[0]]!r}: needs --distributed")
+        return
+    if FLAGS.num_processes is not None:
+        cli_errors.check_int("--num_processes", FLAGS.num_processes, 1)
+    if FLAGS.process_id is not None:
+        high = FLAGS.num_processes - 1 if FLAGS.num_processes else None
+        cli_errors.check_int("--process_id", FLAGS.process_id, 0, high)
+    address = FLAGS.coordinator_address
+    if address is not None and (":" not in address or not address.rsplit(":", 1)[1].isdigit()):
+        raise cli_errors.UsageError(f"--coordinator_address={address!r}: must be host:port")
+
+
+def start_distributed():
+    """``jax.distributed.initialize()``; gloo carries CPU collectives across processes
+    (XLA:CPU has none by default), which is harmless on GPU and TPU."""
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    import jax
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-    from ratebp_jax import train
+    check_distributed_flags()
     config = FLAGS.config
-    workdir = FLAGS.workdir or os.path.join("runs", config.name)
+    workdir = FLAGS.workdir or default_workdir(config)
+    from ratebp_jax import train, workdir as wd
+    # Everything that needs no devices is checked before a distributed start, which waits
+    # for the other processes.
+    train.validate_config(config, devices=False)
+    wd.check_path(workdir)
+    wd.check_same_run(os.path.abspath(workdir), config)
+    if FLAGS.distributed:
+        start_distributed()
     summary = train.train_and_evaluate(config, workdir)
     if summary["interrupted"]:
         return  # checkpointed; rerunning the same command resumes
+    if summary.get("already_complete"):
+        return  # said so in one line
     print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
           f"(best {summary['best_test_accuracy']:.4f}) in {summary['wall_time_s']:.1f}s; "
           f"records in {workdir}")
 
 
-def run():
+def run(argv=None):
     from ratebp_jax.train import NonFiniteError
     try:
-        app.run(main)
+        app.run(main, argv=argv, flags_parser=cli_errors.absl_flags_parser(DEFAULT_CONFIG))
     except cli_errors.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli_errors.fail(str(e))
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        cli_errors.fail(str(e), code=3)
+    except KeyboardInterrupt:
+        cli_errors.fail("stopped by a second Ctrl-C; rerun the same command to resume from "
+                        "the last checkpoint", code=130)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ so the figure can be set against a device's training throughput.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -20,12 +19,15 @@ from ratebp_jax.data.tfds_datasets import CIFAR_STATS
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=5000)
-    p.add_argument("--batch", type=int, default=128)
+    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=5000,
+                   help="random images to push through the pipeline, >= --batch")
+    p.add_argument("--batch", type=int, default=128, help="images per batch, >= 1")
     args = p.parse_args(argv)
-    if args.images < args.batch or args.batch < 1:
-        raise ValueError("--images must be >= --batch >= 1")
+    cli_errors.check_int("--batch", args.batch)
+    if args.images < args.batch:  # one epoch must hold a whole batch
+        raise cli_errors.UsageError(f"--images={args.images}: must be an integer >= --batch "
+                                    f"({args.batch})")
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, args.images)

@@ -62,10 +62,14 @@ def compare_gradients(grads, grads_ref) -> dict:
 
 def random_batch(key, batch: int, image_size: int, channels: int, num_classes: int,
                  scale: float = 1.0) -> dict:
-    """``{"image": N(0, scale^2) [B, S, S, C], "label": uniform [B]}`` for probing methods."""
+    """``{"image": N(0, scale^2) [B, S, S, C], "label": uniform [B]}`` for probing methods
+    (non-partitionable threefry, which XLA:CPU compiles several times faster; see
+    ``models.create_model``)."""
     key_x, key_y = jax.random.split(key)
-    return {"image": scale * jax.random.normal(key_x, (batch, image_size, image_size, channels)),
-            "label": jax.random.randint(key_y, (batch,), 0, num_classes)}
+    with jax.threefry_partitionable(False):
+        return {"image": scale * jax.random.normal(key_x, (batch, image_size, image_size,
+                                                           channels)),
+                "label": jax.random.randint(key_y, (batch,), 0, num_classes)}
 
 
 def param_count(params) -> int:

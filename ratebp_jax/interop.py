@@ -11,7 +11,11 @@ VGG classifier's input rows from NCHW flatten order (C, H, W) to ours (H, W, C).
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import zipfile
+import zlib
+from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
@@ -227,18 +231,97 @@ def _path_of(model, target):
     return ()
 
 
-def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
-    """Read ``.npz`` (always) or ``.pth``/``.pt`` (when torch is installed)."""
+# --------------------------------------------------------------------------- files
+# Where training scripts nest the weights in a checkpoint dict, most specific first: the
+# reference's ``model_weights.pth`` is ``{best_acc, best_epoch, best_net, optimizer}``.
+NESTED_STATE_DICT = ("best_net", "state_dict", "model")
+# What a checkpoint may record about its weights, reported as found.
+METADATA_KEYS = ("best_acc", "best_epoch", "epoch")
+
+
+def unpack_checkpoint(obj, source: str = "state_dict") -> tuple[dict[str, np.ndarray], dict]:
+    """``(state_dict, metadata)`` from a loaded checkpoint: a bare state_dict or a dict that
+    nests one under ``best_net``, ``state_dict`` or ``model``.
+
+    Pure and torch-free: values are numpy arrays or anything with ``.numpy()`` (tensors).
+    Other entries (numbers, strings, optimizer dicts) are dropped, and the ``module.`` prefix
+    that DistributedDataParallel puts on every key is stripped, so a DDP run's file imports
+    like a single-device one. ``metadata`` holds the METADATA_KEYS the checkpoint recorded.
+    ``source`` names the file in errors.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: holds a {type(obj).__name__}, not a dict of tensors")
+    nested = next((obj[k] for k in NESTED_STATE_DICT if isinstance(obj.get(k), Mapping)), obj)
+    state_dict = {k.removeprefix("module."): _as_array(v) for k, v in nested.items()
+                  if isinstance(k, str) and _is_tensor(v)}
+    if not state_dict:
+        keys = ", ".join(map(str, obj)) or "none"
+        raise ValueError(f"{source}: holds no tensors (keys: {keys})")
+    metadata = {k: _as_scalar(obj[k]) for k in METADATA_KEYS if k in obj}
+    return state_dict, metadata
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, np.ndarray) or callable(getattr(value, "numpy", None))
+
+
+def _as_array(value) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else np.asarray(value.numpy())
+
+
+def _as_scalar(value):
+    """A recorded number as a Python number (checkpoints may store 0-d tensors)."""
+    return value.item() if callable(getattr(value, "item", None)) else value
+
+
+def load_reference_file(path: str, *, label: str = "state_dict") -> tuple[dict, dict]:
+    """``(state_dict, metadata)`` from a ``.npz`` (always) or a ``.pth``/``.pt`` (when torch is
+    installed), see ``unpack_checkpoint``. Errors name the file as ``label=path``; a command
+    line passes its flag as ``label``."""
+    source = f"{label}={path!r}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"state_dict={path!r}: no such file")
-    if path.endswith(".npz"):
+        what = "is a directory" if os.path.isdir(path) else "no such file"
+        raise FileNotFoundError(f"{source}: {what}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        return unpack_checkpoint(_read_npz(path, source), source)
+    if ext in (".pth", ".pt"):
+        return unpack_checkpoint(_read_torch(path, source), source)
+    raise ValueError(f"{source}: unknown format {ext or '(no extension)'!r}; give a .npz, or a "
+                     f".pth/.pt when torch is installed")
+
+
+def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
+    """The state_dict of ``load_reference_file``, without the metadata."""
+    return load_reference_file(path)[0]
+
+
+def _read_npz(path: str, source: str) -> dict[str, np.ndarray]:
+    # np.load takes a file that is not a zip for a pickle and then blames pickling (or zipfile
+    # raises BadZipFile), so a truncated download would be reported misleadingly.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{source}: not a .npz archive (not a zip file; truncated, or another "
+                         f"format)")
+    try:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{source}: unreadable .npz ({type(e).__name__}: {e})") from None
+
+
+def _read_torch(path: str, source: str):
     try:
         import torch
     except ImportError:
-        raise ValueError(f"state_dict={path!r}: reading .pth needs torch; save it as .npz "
-                         f"with numpy instead") from None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    return {k.removeprefix("module."): v.numpy() for k, v in sd.items()}
+        raise ValueError(f"{source}: reading .pth needs torch; save it as .npz with numpy "
+                         f"instead") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but plain data
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it pickles {found.group(1)}" if found else "not a file of tensors and numbers"
+        raise ValueError(f"{source}: torch.load(weights_only=True) cannot read it ({what}); "
+                         f"save the model's state_dict() instead") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{source}: torch.load failed ({first})") from None

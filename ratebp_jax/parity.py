@@ -105,8 +105,9 @@ def run_reference_step(vec: dict, keys, dtype=np.float32):
 
 
 def check_file(path: str, keys_dir: str | None = None, dtype=np.float32) -> dict:
-    """Compare one vector file. Returns ``{"file", "loss_rel_err", "logits_max_abs_err",
-    "worst_param", "worst_dev", "worst_buffer", "worst_buffer_dev", "pass"}``."""
+    """Compare one vector file. Returns ``{"file", "dtype", "loss" (ours), "loss_rel_err",
+    "logits_max_abs_err", "worst_param", "worst_dev", "worst_buffer", "worst_buffer_dev",
+    "pass"}``."""
     with open(path) as f:
         vec = json.load(f)
     keys_path = os.path.join(keys_dir or os.path.dirname(path), f"keys_{vec['arch']}.txt")
@@ -131,7 +132,7 @@ def check_file(path: str, keys_dir: str | None = None, dtype=np.float32) -> dict
               and devs[worst] <= DEV_TOL
               and (worst_buffer is None or buffer_devs[worst_buffer] <= DEV_TOL))
     return {"file": os.path.basename(path), "dtype": np.dtype(dtype).name,
-            "loss_rel_err": loss_rel_err,
+            "loss": float(loss), "loss_rel_err": loss_rel_err,
             "logits_max_abs_err": logits_err, "worst_param": worst, "worst_dev": devs[worst],
             "worst_buffer": worst_buffer,
             "worst_buffer_dev": buffer_devs[worst_buffer] if worst_buffer else None,

@@ -8,7 +8,6 @@ resolved once by ``methods.make_grad_fn``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -18,13 +17,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ratebp_jax import data, methods, models, neurons
+from ratebp_jax import workdir as wd
 from ratebp_jax.layers import STEP_MODES
 
 OPTIMIZERS = ("sgd", "adam")
@@ -41,11 +40,29 @@ def _allowed(field, value, allowed):
         raise ValueError(f"{field}={value!r}: allowed values are {', '.join(map(str, allowed))}")
 
 
-def _positive(config, field, minimum=1, kind=int):
+def _integer(config, field, minimum):
     value = config[field]
-    if not isinstance(value, kind) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{field}={value!r}: must be {'an integer' if kind is int else 'a number'}"
-                         f" >= {minimum}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{field}={value!r}: must be an integer >= {minimum}")
+
+
+def _number(config, field, low=None, high=None, *, low_open=False):
+    """A finite number in [low, high) (or (low, high) with ``low_open``); None is unbounded."""
+    value = config[field]
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value)
+          and (low is None or (value > low if low_open else value >= low))
+          and (high is None or value < high))
+    if not ok:
+        bound = ("" if low is None and high is None
+                 else f" in {'(' if low_open else '['}{low}, {high})" if high is not None
+                 else f" {'>' if low_open else '>='} {low}")
+        raise ValueError(f"{field}={value!r}: must be a finite number{bound}")
+
+
+def _boolean(config, field):
+    if not isinstance(config[field], bool):
+        raise ValueError(f"{field}={config[field]!r}: must be true or false")
 
 
 def neuron_config(config) -> neurons.NeuronConfig:
@@ -54,30 +71,56 @@ def neuron_config(config) -> neurons.NeuronConfig:
                                 alpha=config.surrogate_alpha)
 
 
-def validate_config(config) -> None:
-    """Check every field before any compute; each failure names the field and what is allowed."""
-    _allowed("model", config.model, list(models.MODELS))
+def validate_config(config, *, devices: bool = True) -> None:
+    """Check every field's type, range and finiteness before anything runs or is written;
+    each failure names the field, the value and what is allowed. ``devices=False`` skips
+    the divisibility by the device count, which would start JAX's backend (before
+    ``jax.distributed.initialize()`` it must not)."""
+    if not isinstance(config.name, str) or not config.name or os.sep in config.name:
+        raise ValueError(f"name={config.name!r}: must be a non-empty name without {os.sep!r}")
+    for field in ("data_dir", "data_path"):
+        if not isinstance(config[field], str):
+            raise ValueError(f"{field}={config[field]!r}: must be a path (a string)")
     _allowed("dataset", config.dataset, list(data.LOADERS))
+    _allowed("model", config.model, list(models.MODELS))
     _allowed("method", config.method, list(methods.METHODS))
     _allowed("step_mode", config.step_mode, STEP_MODES)
     _allowed("rate_grad_scale", config.rate_grad_scale, methods.RATE_GRAD_SCALES)
     _allowed("optimizer", config.optimizer, OPTIMIZERS)
     _allowed("nan_policy", config.nan_policy, NAN_POLICIES)
-    for field in ("T", "batch_size", "eval_batch_size", "num_epochs"):
-        _positive(config, field)
-    for field in ("num_train_steps", "checkpoint_every_steps", "num_classes", "image_size"):
-        _positive(config, field, minimum=0)
-    _positive(config, "keep_checkpoints")
-    if not config.learning_rate > 0:
-        raise ValueError(f"learning_rate={config.learning_rate!r}: must be > 0")
-    if not config.weight_decay >= 0:
-        raise ValueError(f"weight_decay={config.weight_decay!r}: must be >= 0")
-    neuron_config(config)  # raises on lam, thresh, reset, surrogate
-    n = jax.device_count()
+    for field in ("T", "batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints"):
+        _integer(config, field, 1)
+    for field in ("num_train_steps", "checkpoint_every_steps", "num_classes", "image_size",
+                  "seed", "augment_crop_padding"):
+        _integer(config, field, 0)
+    for field in ("augment", "augment_flip", "progress_bar", "plots"):
+        _boolean(config, field)
+    _number(config, "surrogate_alpha", 0.0, low_open=True)
+    _number(config, "v_reset")
+    neuron_config(config)  # lam, thresh, reset and surrogate, checked by the neuron itself
+    for field, low, high in (("lam", 0.0, 1.0), ("thresh", 0.0, None),
+                             ("learning_rate", 0.0, None), ("momentum", 0.0, 1.0),
+                             ("weight_decay", 0.0, None)):
+        _number(config, field, low, high, low_open=field in ("thresh", "learning_rate"))
+    n = jax.device_count() if devices else 1
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % n:
             raise ValueError(f"{field}={config[field]}: must be divisible by the device count "
                              f"({n})")
+
+
+def check_dataset(config, dataset) -> None:
+    """What the config asks of the loaded dataset."""
+    if dataset.time_steps is not None and dataset.time_steps != config.T:
+        raise ValueError(f"T={config.T}: dataset {dataset.name!r} gives {dataset.time_steps} "
+                         f"frames per sample; set T to match")
+    if config.num_classes and dataset.num_classes > config.num_classes:
+        raise ValueError(f"num_classes={config.num_classes}: dataset {dataset.name!r} has "
+                         f"{dataset.num_classes} classes; allowed is 0 (the dataset's) or "
+                         f">= {dataset.num_classes}")
+    if dataset.steps_per_epoch(config.batch_size) < 1:
+        raise ValueError(f"batch_size={config.batch_size}: larger than the training set "
+                         f"({len(dataset.train)} examples)")
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -101,21 +144,36 @@ def create_optimizer(config, schedule) -> optax.GradientTransformation:
 
 
 # --------------------------------------------------------------------------- steps
+def zero_sums():
+    """The epoch's running train sums, carried in the state (and so in every checkpoint):
+    a run resumed mid-epoch records the whole epoch's train loss and accuracy."""
+    return {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32),
+            "count": jnp.zeros((), jnp.int32)}
+
+
 def make_train_step(grad_fn, tx, nan_policy: str):
     """``train_step(state, batch) -> (state, metrics)``, pure. With ``nan_policy="skip"``, a
-    step whose loss or gradient is not finite leaves the state unchanged."""
+    step whose loss or gradient is not finite leaves the parameters, optimiser and BN state
+    unchanged. Non-finite steps never enter the epoch sums."""
     def train_step(state, batch):
         (loss, aux), grads = grad_fn(state["params"], state["batch_stats"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        accuracy = jnp.mean(jnp.argmax(aux["logits"], -1) == batch["label"])
+        sums = state["epoch_sums"]
+        sums = {"loss": sums["loss"] + jnp.where(finite, loss, 0.0),
+                "accuracy": sums["accuracy"] + jnp.where(finite, accuracy, 0.0),
+                "count": sums["count"] + finite.astype(jnp.int32)}
         new = {"params": optax.apply_updates(state["params"], updates),
                "batch_stats": aux["batch_stats"], "opt_state": opt_state,
-               "step": state["step"] + 1}
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+               "step": state["step"] + 1, "epoch_sums": sums}
         if nan_policy == "skip":
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new,
-                               {**state, "step": state["step"] + 1})
-        accuracy = jnp.mean(jnp.argmax(aux["logits"], -1) == batch["label"])
-        return new, {"loss": loss, "accuracy": accuracy, "finite": finite}
+                               {**state, "step": new["step"], "epoch_sums": sums})
+        count = jnp.maximum(sums["count"], 1)
+        return new, {"loss": loss, "accuracy": accuracy, "finite": finite,
+                     "epoch_loss": sums["loss"] / count,
+                     "epoch_accuracy": sums["accuracy"] / count}
     return train_step
 
 
@@ -135,7 +193,7 @@ def make_eval_step(net, T: int, step_mode: str):
 
 def evaluate(eval_step, state, dataset, batch_size, shard) -> dict:
     totals, rates, n_batches = None, None, 0
-    for batch in dataset.eval_batches(batch_size):
+    for batch in dataset.eval_batches(batch_size, jax.process_index(), jax.process_count()):
         out = eval_step(state["params"], state["batch_stats"], shard(batch))
         sums = {k: float(out[k]) for k in ("loss", "correct", "count")}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
@@ -152,7 +210,8 @@ def data_parallel(mesh):
     """Shardings: state replicated; batches split on their batch axis over ``data``.
 
     Each process supplies its own slice of the global batch (multi-host after
-    ``jax.distributed.initialize()``); with one process this is a plain device_put.
+    ``jax.distributed.initialize()``; the loaders read only that slice); with one process
+    this is a plain device_put.
     """
     replicated = NamedSharding(mesh, P())
 
@@ -167,19 +226,6 @@ def data_parallel(mesh):
     return replicated, shard
 
 
-def local_slice(batch, global_batch: int):
-    """This process's part of a global batch."""
-    n, i = jax.process_count(), jax.process_index()
-    if n == 1:
-        return batch
-    per = global_batch // n
-
-    def take(x):
-        axis = 1 if x.ndim == 5 else 0
-        return np.take(x, np.arange(i * per, (i + 1) * per), axis=axis)
-    return jax.tree.map(take, batch)
-
-
 # --------------------------------------------------------------------------- state
 def create_model(config, image_shape, num_classes) -> nnx.Module:
     """The config's model for inputs of ``image_shape`` (H, W, C)."""
@@ -190,43 +236,14 @@ def create_model(config, image_shape, num_classes) -> nnx.Module:
 
 
 def create_state(config, image_shape, num_classes, tx, model=None):
-    """Model and optimiser state as the plain pytree {params, batch_stats, opt_state, step}.
+    """Model and optimiser state as the plain pytree {params, batch_stats, opt_state, step,
+    epoch_sums}.
     ``model`` (e.g. with imported weights) replaces a freshly initialised one."""
     model = model or create_model(config, image_shape, num_classes)
     net, params, batch_stats = methods.split_model(model)
     state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
-             "step": jnp.zeros((), jnp.int32)}
+             "step": jnp.zeros((), jnp.int32), "epoch_sums": zero_sums()}
     return net, state
-
-
-def checkpoint_managers(workdir, keep: int):
-    """``latest`` (resume) and ``best`` (highest test accuracy) orbax managers. Orbax writes
-    to a temporary directory and renames it on commit, so a killed run never leaves a
-    half-written checkpoint that looks complete."""
-    workdir = os.path.abspath(workdir)  # orbax needs absolute paths
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    latest = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=opts)
-    best = ocp.CheckpointManager(os.path.join(workdir, "best"),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-    return latest, best
-
-
-def restore_latest(manager, state, log):
-    """Restore the newest readable checkpoint into ``state``'s structure and shardings.
-
-    A corrupt newest checkpoint is reported, moved aside to ``corrupt_checkpoints/`` (so
-    that the resumed run can write that step again) and the previous one is tried."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-            log(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); moved aside, trying an older one")
-            _quarantine(manager, step)
-            continue
-        return restored, step
-    return state, None
 
 
 def load_trained(config, workdir: str, *, best: bool = False, log=print):
@@ -237,59 +254,25 @@ def load_trained(config, workdir: str, *, best: bool = False, log=print):
     run has no such checkpoint.
     """
     validate_config(config)
+    workdir = os.path.abspath(workdir)
+    kind = "best" if best else "checkpoints"
+    if not os.path.isdir(os.path.join(workdir, kind)):
+        raise FileNotFoundError(f"workdir={workdir!r}: no readable checkpoint in {kind}/")
+    wd.check_same_run(workdir, config)
     dataset = data.load_dataset(config)
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch,
                                                          config.num_epochs))
     net, state = create_state(config, dataset.image_shape, dataset.num_classes, tx)
-    latest, best_manager = checkpoint_managers(workdir, config.keep_checkpoints)
-    state, step = restore_latest(best_manager if best else latest, state, log)
+    latest, best_manager = wd.checkpoint_managers(workdir, config.keep_checkpoints,
+                                                  create=False)
+    state, step = wd.restore_latest(best_manager if best else latest, state, log, workdir)
     if step is None:
-        kind = "best" if best else "checkpoints"
         raise FileNotFoundError(f"workdir={workdir!r}: no readable checkpoint in {kind}/")
     return dataset, net, state
 
 
-def _quarantine(manager, step):
-    directory = os.fspath(manager.directory)
-    aside = os.path.join(os.path.dirname(directory), "corrupt_checkpoints")
-    if jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
-        os.replace(os.path.join(directory, str(step)),
-                   os.path.join(aside, f"{step}-{int(time.time())}"))
-    manager.reload()
-
-
 # --------------------------------------------------------------------------- records
-def _append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path, step):
-    """Drop records written after ``step`` (a run killed after logging, before saving)."""
-    kept = [r for r in _read_jsonl(path) if r["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
-    return kept
-
-
 def plot_curves(history, workdir):
     """``curves.png`` (loss and accuracy per epoch) and ``firing_rates.png`` (last epoch)."""
     # The object API draws without pyplot's global backend, so notebooks keep inline plots.
@@ -325,30 +308,31 @@ def train_and_evaluate(config, workdir: str, *, log=print,
                        interrupt_at_step: int | None = None) -> dict[str, Any]:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint. Returns the summary.
 
-    SIGTERM (a cluster's preemption notice) or reaching ``interrupt_at_step`` checkpoints at
-    the next step boundary and returns early with ``summary["interrupted"] = True``;
-    rerunning resumes exactly there.
+    Everything is validated before the workdir is touched: a bad config, bad data or a
+    workdir that holds another run (``workdir.RunMismatch``) raise with nothing written.
+    A run that already trained its steps returns its summary with ``already_complete``
+    set and changes nothing. SIGTERM or Ctrl-C (a cluster's preemption notice, a user) or
+    reaching ``interrupt_at_step`` checkpoints at the next step boundary and returns early
+    with ``summary["interrupted"] = True``; rerunning resumes exactly there.
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
+    wd.check_path(workdir)
+    wd.check_same_run(workdir, config)
     dataset = data.load_dataset(config)
-    if dataset.time_steps is not None and dataset.time_steps != config.T:
-        raise ValueError(f"T={config.T}: dataset {dataset.name!r} gives {dataset.time_steps} "
-                         f"frames per sample; set T to match")
-    if config.num_classes and dataset.num_classes > config.num_classes:
-        raise ValueError(f"num_classes={config.num_classes}: dataset {dataset.name!r} has "
-                         f"{dataset.num_classes} classes; allowed is 0 (the dataset's) or "
-                         f">= {dataset.num_classes}")
+    check_dataset(config, dataset)
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size={config.batch_size}: larger than the training set "
-                         f"({len(dataset.train)} examples)")
     total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
+    done = wd.completed_summary(workdir, total_steps)
+    if done is not None:
+        log(f"already complete: {workdir} trained {done['steps']} steps (final test accuracy "
+            f"{done['final_test_accuracy']:.4f}); nothing was changed")
+        return {**done, "already_complete": True}
+
     schedule = learning_rate_schedule(config, steps_per_epoch, num_epochs)
     tx = create_optimizer(config, schedule)
     net, state = create_state(config, dataset.image_shape, dataset.num_classes, tx)
-
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
     replicated, shard = data_parallel(mesh)
@@ -360,12 +344,13 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     eval_step = jax.jit(make_eval_step(net, config.T, config.step_mode))
 
     os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    latest, best_manager = checkpoint_managers(workdir, config.keep_checkpoints)
-    state, restored_step = restore_latest(latest, state, log)
+    latest, best_manager = wd.checkpoint_managers(workdir, config.keep_checkpoints)
+    state, restored_step = wd.restore_latest(latest, state, log, workdir)
+    wd.write_config(workdir, config)
     step = int(state["step"])
-    history = _truncate_metrics(metrics_path, step) if restored_step is not None else []
-    if restored_step is None and os.path.exists(metrics_path):
+    metrics_path = os.path.join(workdir, wd.METRICS_FILE)
+    history = wd.truncate_jsonl(metrics_path, step) if restored_step is not None else []
+    if restored_step is None and os.path.exists(metrics_path) and jax.process_index() == 0:
         os.remove(metrics_path)
     if restored_step is not None:
         log(f"resumed from step {step} in {workdir}")
@@ -373,61 +358,60 @@ def train_and_evaluate(config, workdir: str, *, log=print,
 
     start_time = time.time()
     wall_before = history[-1]["wall_s"] if history else 0.0
-    preempted = _PreemptionFlag()
+    stop = _StopRequest(log)
     interrupted = False
     try:
         while step < total_steps and not interrupted:
             epoch = step // steps_per_epoch
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
             start_in_epoch = step - epoch * steps_per_epoch
+            if start_in_epoch == 0:
+                state = {**state, "epoch_sums": jax.device_put(zero_sums(), replicated)}
             batches = data.prefetch(dataset.train_batches(
                 epoch=epoch, batch_size=config.batch_size, seed=config.seed,
-                start_step=start_in_epoch))
+                start_step=start_in_epoch, process_index=jax.process_index(),
+                process_count=jax.process_count()))
             bar = _progress(config, epoch, num_epochs, start_in_epoch, epoch_steps)
-            sums = {"loss": 0.0, "accuracy": 0.0, "count": 0}
             t_epoch, images_seen, pending = time.time(), 0, None
-            for i, batch in zip(range(start_in_epoch, epoch_steps), batches):
-                batch = shard(local_slice(batch, config.batch_size))
-                state, metrics = train_step(state, batch)
+            for _, batch in zip(range(start_in_epoch, epoch_steps), batches):
+                state, metrics = train_step(state, shard(batch))
                 # Fetch the previous step's metrics now: the device never waits on the host.
                 if pending is not None:
-                    _consume(pending, sums, bar, config)
+                    _consume(pending, bar, config)
                 pending = (step, metrics)
                 step += 1
                 images_seen += config.batch_size
-                interrupted = preempted.is_set() or step == interrupt_at_step
+                interrupted = stop.requested() or step == interrupt_at_step
                 # At an epoch's end the epoch is evaluated and checkpointed as usual first.
                 mid_epoch = step % steps_per_epoch != 0 and step < total_steps
                 if mid_epoch and (interrupted or (config.checkpoint_every_steps and
                                                   step % config.checkpoint_every_steps == 0)):
-                    _consume(pending, sums, bar, config)
+                    _consume(pending, bar, config)
                     pending = None
                     latest.save(step, args=ocp.args.StandardSave(state), force=True)
                     if interrupted:
                         break
                 if bar is not None:
                     bar.update(1)
-                if bar is not None and sums["count"]:  # metrics arrive one step late
-                    bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
-                                    acc=f"{sums['accuracy'] / max(sums['count'], 1):.3f}",
-                                    img_s=f"{images_seen / (time.time() - t_epoch):.0f}")
             if pending is not None:
-                _consume(pending, sums, bar, config)
+                _consume(pending, bar, config)
             if bar is not None:
                 bar.close()
             if interrupted and mid_epoch:
                 break
             seconds = time.time() - t_epoch
+            sums = jax.device_get(state["epoch_sums"])
+            count = max(int(sums["count"]), 1)
             record = {"epoch": epoch + 1, "step": step,
-                      "train_loss": sums["loss"] / max(sums["count"], 1),
-                      "train_accuracy": sums["accuracy"] / max(sums["count"], 1),
+                      "train_loss": float(sums["loss"]) / count,
+                      "train_accuracy": float(sums["accuracy"]) / count,
                       **evaluate(eval_step, state, dataset, config.eval_batch_size, shard),
                       "learning_rate": float(schedule(step - 1)), "seconds": seconds,
                       "images_per_s": images_seen / seconds,
                       "wall_s": wall_before + time.time() - start_time}
             history.append(record)
             if jax.process_index() == 0:
-                _append_jsonl(metrics_path, record)
+                wd.append_jsonl(metrics_path, record)
             log(f"epoch {record['epoch']}/{num_epochs} step {step}: train loss "
                 f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | test loss "
                 f"{record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | "
@@ -440,9 +424,9 @@ def train_and_evaluate(config, workdir: str, *, log=print,
         # Let a pending async save finish even when a step raised: it is the last good one.
         latest.wait_until_finished()
         best_manager.wait_until_finished()
-        preempted.restore()
+        stop.restore()
     if interrupted:
-        log(f"interrupted at step {step}: checkpoint written; rerun to resume")
+        log(f"interrupted at step {step}: checkpoint written; rerun the same command to resume")
 
     summary = {
         "name": config.name, "model": config.model, "dataset": config.dataset,
@@ -451,37 +435,47 @@ def train_and_evaluate(config, workdir: str, *, log=print,
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
         "best_test_accuracy": best_accuracy if history else None,
         "wall_time_s": history[-1]["wall_s"] if history else 0.0,
-        "devices": jax.device_count(), "interrupted": interrupted,
+        "devices": jax.device_count(), "processes": jax.process_count(),
+        "interrupted": interrupted,
     }
     if jax.process_index() == 0 and not interrupted:
-        _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+        wd.write_json_atomic(os.path.join(workdir, wd.SUMMARY_FILE), summary)
         if config.plots and history:
             plot_curves(history, workdir)
     return summary
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM while training; the loop checkpoints and exits at the next step."""
+class _StopRequest:
+    """SIGTERM (a cluster's preemption notice) or a first Ctrl-C ask the loop to checkpoint
+    and return at the next step; a second Ctrl-C stops at once (KeyboardInterrupt), losing
+    the steps since the last checkpoint."""
 
-    def __init__(self):
-        self._set = False
-        self._previous = None
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log):
+        self._set, self._log, self._previous = False, log, {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT and self._set:
+            raise KeyboardInterrupt
         self._set = True
+        if signum == signal.SIGINT:
+            self._log("interrupt: checkpointing at the next step (Ctrl-C again stops at once)")
 
-    def is_set(self) -> bool:
+    def requested(self) -> bool:
         return self._set
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
-def _consume(pending, sums, bar, config):
+def _consume(pending, bar, config):
+    """Check one step's fetched metrics: a non-finite step stops the run (or is reported,
+    with ``nan_policy="skip"``); the bar shows the epoch's running means."""
     step, metrics = pending
     metrics = jax.device_get(metrics)
     if not metrics["finite"]:
@@ -492,10 +486,9 @@ def _consume(pending, sums, bar, config):
                 f"such batches")
         if bar is not None:
             bar.write(f"warning: skipped step {step + 1}: non-finite loss or gradient")
-        return
-    sums["loss"] += float(metrics["loss"])
-    sums["accuracy"] += float(metrics["accuracy"])
-    sums["count"] += 1
+    if bar is not None:
+        bar.set_postfix(loss=f"{metrics['epoch_loss']:.3f}",
+                        acc=f"{metrics['epoch_accuracy']:.3f}")
 
 
 def _progress(config, epoch, num_epochs, start, total):
@@ -503,4 +496,4 @@ def _progress(config, epoch, num_epochs, start, total):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{num_epochs}",
-                leave=False, dynamic_ncols=True)
+                leave=False, dynamic_ncols=True, unit="img", unit_scale=config.batch_size)

@@ -7,6 +7,10 @@ from ratebp_jax import methods, models, neurons
 
 IMAGE_SIZE = 8
 
+# Test data is drawn with the non-partitionable threefry, which XLA:CPU compiles several
+# times faster (models.create_model does the same for weights).
+jax.config.update("jax_threefry_partitionable", False)
+
 
 def tiny_setup(name, *, reset="soft", batch=4, num_classes=5, seed=0, image_size=IMAGE_SIZE):
     """A tiny model, split, and a random batch with inputs large enough to make spikes."""

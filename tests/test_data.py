@@ -4,7 +4,6 @@ import os
 import sys
 import time
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -53,6 +52,48 @@ def test_eval_batches_cover_the_test_set_once_with_a_mask():
     batches = list(ds.eval_batches(256))
     assert [len(b["label"]) for b in batches] == [256, 256]
     assert sum(b["mask"].sum() for b in batches) == 360
+
+
+class RecordingSource:
+    """An in-memory source that records which indices were read."""
+
+    def __init__(self, n):
+        self.images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones(
+            (1, 2, 2, 1), np.uint8)
+        self.labels, self.read = np.arange(n) % 10, []
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, idx):
+        self.read.append(np.asarray(idx).copy())
+        return self.images[idx], self.labels[idx]
+
+
+def test_each_process_reads_only_its_slice_of_every_global_batch():
+    from ratebp_jax.data.pipeline import Dataset
+    as_float = lambda x, rng: x.astype(np.float32)  # noqa: E731
+    whole = Dataset("rec", RecordingSource(50), RecordingSource(21), 10, (2, 2, 1),
+                    as_float, as_float)
+    full_train = list(whole.train_batches(epoch=1, batch_size=8, seed=3))
+    full_eval = list(whole.eval_batches(8))
+    parts = []
+    for p in range(2):
+        train_src, test_src = RecordingSource(50), RecordingSource(21)
+        ds = Dataset("rec", train_src, test_src, 10, (2, 2, 1), as_float, as_float)
+        parts.append((list(ds.train_batches(epoch=1, batch_size=8, seed=3, process_index=p,
+                                            process_count=2)),
+                      list(ds.eval_batches(8, process_index=p, process_count=2))))
+        assert all(len(idx) == 4 for idx in train_src.read + test_src.read)
+    for key in ("image", "label"):
+        for step, batch in enumerate(full_train):  # the two halves make the global batch
+            np.testing.assert_array_equal(
+                np.concatenate([parts[0][0][step][key], parts[1][0][step][key]]), batch[key])
+    for step, batch in enumerate(full_eval):
+        for key in ("label", "mask"):
+            np.testing.assert_array_equal(
+                np.concatenate([parts[0][1][step][key], parts[1][1][step][key]]), batch[key])
+    assert sum(b["mask"].sum() for b in full_eval) == 21
 
 
 def _write_npz(path, n_train=40, n_test=10, shape=(6, 6, 3), classes=4, **overrides):

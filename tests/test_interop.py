@@ -10,21 +10,29 @@ from ratebp_jax import interop, models, parity
 
 VECTORS = os.path.join(os.path.dirname(__file__), "data", "reference_vectors")
 FILES = sorted(os.path.basename(f) for f in glob.glob(os.path.join(VECTORS, "*_seed*.json")))
-# In float32 one spike of 524,288 in layer1.0 sits on the threshold and flips relative to
-# the reference; ResNet-18's batch-coupled BatchNorm then amplifies it (loss off by 0.5%).
-# Computed in float64 our step matches the reference's numbers (loss to 2e-8).
-FLOAT32_TIES = {"resnet18_multi_bptt_T4_soft_seed0.json", "resnet18_multi_rate_T4_soft_seed0.json"}
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_training_step_matches_reference_vector(name):
-    if name in FLOAT32_TIES:
-        with enable_x64():
-            result = parity.check_file(os.path.join(VECTORS, name), dtype=np.float64)
-    else:
-        result = parity.check_file(os.path.join(VECTORS, name))
-    assert result["pass"], result
-    assert result["loss_rel_err"] <= 1e-5 and result["worst_dev"] <= 1e-3
+    """Our float32 step matches the reference's float32 numbers, except where a membrane
+    sits on the threshold within float32 rounding. Which files have such a tie depends on
+    the CPU's float32 arithmetic: on the machine these vectors were first checked on, one
+    spike of 524,288 in ResNet-18's layer1.0 (multi step, T=4) flips and BatchNorm amplifies
+    it; on an AMD EPYC three VGG-SNN steps flip a spike too. A tie is recognised by its
+    cause: our own float32 loss then differs from our float64 loss (rounding alone moved a
+    spike), and in float64 our step matches the reference (loss to about 3e-8)."""
+    path = os.path.join(VECTORS, name)
+    result = parity.check_file(path)
+    if result["pass"]:
+        assert result["loss_rel_err"] <= 1e-5 and result["worst_dev"] <= 1e-3
+        return
+    with enable_x64():
+        exact = parity.check_file(path, dtype=np.float64)
+    assert exact["pass"] and exact["loss_rel_err"] <= 1e-6, exact
+    own_rounding = abs(result["loss"] - exact["loss"]) / abs(exact["loss"])
+    assert own_rounding > parity.LOSS_RTOL, (
+        f"float32 misses the reference ({result}) although it agrees with our float64 step: "
+        f"not a rounding tie")
 
 
 def test_vector_set_covers_the_issue_matrix():
@@ -127,3 +135,64 @@ def test_import_cli_writes_a_checkpoint_that_training_resumes(tmp_path):
     logs = []
     summary = train.train_and_evaluate(config, str(tmp_path / "run"), log=logs.append)
     assert any("resumed from step 0" in line for line in logs) and summary["steps"] == 1
+
+
+# --------------------------------------------------------------------------- checkpoint files
+class FakeTensor:
+    """What torch.load gives for a tensor, as far as unpack_checkpoint cares."""
+
+    def __init__(self, value):
+        self.value = np.asarray(value)
+
+    def numpy(self):
+        return self.value
+
+
+WEIGHTS = {"feature.0.weight": np.arange(6.0).reshape(2, 3),
+           "feature.1.num_batches_tracked": np.array(5)}
+OPTIMIZER = {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0, 1]}]}
+
+
+def tensors(prefix=""):
+    return {prefix + k: FakeTensor(v) for k, v in WEIGHTS.items()}
+
+
+@pytest.mark.parametrize("checkpoint,recorded", [
+    # the reference's model_weights.pth of a DDP run
+    ({"best_acc": 94.5, "best_epoch": 199, "best_net": tensors("module."),
+      "optimizer": OPTIMIZER}, {"best_acc": 94.5, "best_epoch": 199}),
+    ({"epoch": np.int64(3), "state_dict": tensors(), "optimizer": OPTIMIZER}, {"epoch": 3}),
+    ({"model": tensors("module."), "optimizer": OPTIMIZER}, {}),
+    ({**tensors(), "version": 2, "note": "not a tensor"}, {}),
+    (dict(WEIGHTS), {}),
+], ids=["reference_best_net_ddp", "state_dict", "model", "bare_tensors", "bare_arrays"])
+def test_unpack_checkpoint_finds_the_state_dict_without_torch(checkpoint, recorded):
+    state_dict, metadata = interop.unpack_checkpoint(checkpoint, "state_dict='f.pth'")
+    assert list(state_dict) == list(WEIGHTS)
+    for k, v in WEIGHTS.items():
+        assert isinstance(state_dict[k], np.ndarray)
+        np.testing.assert_array_equal(state_dict[k], v)
+    assert metadata == recorded
+    assert all(type(v) in (int, float) for v in metadata.values())
+
+
+def test_unpack_checkpoint_without_tensors_names_the_file_and_its_keys():
+    with pytest.raises(ValueError, match=r"state_dict='f.pth': holds no tensors "
+                                         r"\(keys: best_acc, best_epoch, optimizer\)"):
+        interop.unpack_checkpoint({"best_acc": 90.0, "best_epoch": 3, "optimizer": OPTIMIZER},
+                                  "state_dict='f.pth'")
+
+
+def test_reference_training_checkpoint_pth_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    keys = parity.read_keys(os.path.join(VECTORS, "keys_vgg_tiny.txt"))
+    rng = np.random.default_rng(0)
+    sd = {name: rng.standard_normal(shape).astype(dtype) for name, shape, dtype, _ in keys}
+    path = str(tmp_path / "model_weights.pth")
+    torch.save({"best_acc": 93.25, "best_epoch": 7, "optimizer": {"state": {}},
+                "best_net": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()}}, path)
+    loaded, recorded = interop.load_reference_file(path)
+    assert recorded == {"best_acc": 93.25, "best_epoch": 7}
+    assert list(loaded) == list(sd)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(loaded[k], v, err_msg=k)

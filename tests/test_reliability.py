@@ -17,8 +17,9 @@ from ratebp_jax.data.pipeline import ArraySource, Dataset
 
 from test_train import ROOT, tiny_config
 
+STEPS = 32  # 8 checkpoints at every 4 steps: enough to kill one mid-write
 CLI_FLAGS = ["--config.model=vgg_tiny", "--config.T=2", "--config.batch_size=16",
-             "--config.eval_batch_size=120", "--config.num_train_steps=60",
+             "--config.eval_batch_size=120", f"--config.num_train_steps={STEPS}",
              "--config.checkpoint_every_steps=4", "--config.progress_bar=false",
              "--config.plots=false"]
 
@@ -76,25 +77,28 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_parameters(tmp_path, uninter
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(steps_done(workdir), default=0)
-    assert killed_at < 60, "the run finished before it could be killed"
+    assert killed_at < STEPS, "the run finished before it could be killed"
     rerun = start(workdir)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]
     params, step = params_at(workdir)
-    assert step == 60
+    assert step == STEPS
     chex.assert_trees_all_equal(params, uninterrupted[0])
 
 
-def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_checkpoints_and_exits_cleanly_then_resumes(tmp_path, uninterrupted,
+                                                                      signum):
     workdir = str(tmp_path)
     proc = start(workdir)
     assert wait_for(lambda: any(s >= 4 for s in steps_done(workdir)))
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "interrupted at step" in out and "Traceback" not in out
+    assert "KeyboardInterrupt" not in out
     stopped = int(out.split("interrupted at step ")[1].split(":")[0])
-    assert stopped < 60 and stopped in steps_done(workdir)
+    assert stopped < STEPS and stopped in steps_done(workdir)
     rerun = start(workdir)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0 and f"resumed from step {stopped}" in out

@@ -88,6 +88,11 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, method):
     params_resumed, step_resumed = _final_params(resumed)
     assert step_full == step_resumed == 7
     chex.assert_trees_all_equal(params_resumed, params_full)
+    # The epoch's train sums travel in the checkpoint: the record covers all 7 steps.
+    record_full, record_resumed = (json.loads(open(os.path.join(d, "metrics.jsonl")).read())
+                                   for d in (full, resumed))
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert record_resumed[key] == record_full[key], key
 
 
 SHARDING_SCRIPT = textwrap.dedent("""

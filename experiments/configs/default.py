@@ -1,6 +1,6 @@
 """The embedded default: a small spiking CNN on scikit-learn's bundled digits, rate-BP, T=4.
 
-    python experiments/main.py                      # this config, workdir runs/default
+    python experiments/main.py            # this config, workdir runs/default-rate-multi-T4
     python experiments/main.py --config.method=bptt --config.step_mode=single
 
 Runs offline on 2 CPU cores in about a minute and reaches >= 95% test accuracy. Every other
@@ -11,7 +11,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.name = "default"  # run name; the default workdir is runs/<name>
+    c.name = "default"  # run name; the default workdir is runs/<name>-<method>-<step_mode>-T<T>
 
     # ---- data
     c.dataset = "digits"  # digits | npz | cifar10 | cifar100 | imagenet | cifar10_dvs | nmnist
@@ -19,7 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_path = ""  # the .npz file of dataset=npz
     c.num_classes = 0  # 0: taken from the dataset
     c.image_size = 0  # 0: the dataset's own (digits 8, CIFAR 32, DVS 48, ImageNet 224)
-    c.augment = True  # the dataset's reference augmentations (crop/flip/AutoAugment/Cutout)
+    # The dataset's training augmentations: CIFAR crop + flip + AutoAugment + Cutout, ImageNet
+    # random-resized crop + flip, DVS flip + roll, npz the two fields below. digits has none,
+    # so for digits augment does nothing.
+    c.augment = True
+    c.augment_flip = False  # npz only: random horizontal flip (when augment is true)
+    c.augment_crop_padding = 0  # npz only: random crop after zero padding by this many pixels
 
     # ---- model and neurons
     c.model = "vgg_small"  # a name from ratebp_jax.models.MODELS

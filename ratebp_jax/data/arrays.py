@@ -5,11 +5,13 @@ no download. The split is fixed: stratified 80/20 with ``random_state=0`` (1,437
 360 test). Pixel values 0..16 are scaled to uint8 0..255.
 
 npz: a researcher's own arrays in one ``.npz`` file with ``x_train``, ``y_train``,
-``x_test``, ``y_test``; images uint8 ``[N, H, W, C]``, labels integers in [0, K).
+``x_test``, ``y_test``; images uint8 ``[N, H, W, C]``, labels integers in [0, K). With
+``augment`` on, training images get ``augment_flip`` and ``augment_crop_padding``.
 """
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -53,6 +55,15 @@ def check_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
         if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
             raise ValueError(f"{name}: y_{key} has labels in [{y.min()}, {y.max()}]; allowed "
                              f"is [0, {num_classes if num_classes else 'K'})")
+        if x.shape[1] in (1, 2, 3, 4) and x.shape[3] > 4:
+            raise ValueError(f"{name}: x_{key} has shape {list(x.shape)}, which looks "
+                             f"channels-first [N, C, H, W]; images must be channels-last "
+                             f"[N, H, W, C] (np.transpose(x, (0, 2, 3, 1)))")
+    low = int(min(y_train.min(), y_test.min()))
+    if low > 0 and num_classes is None:
+        raise ValueError(f"{name}: labels start at {low}, not 0, which would train "
+                         f"{low} class(es) that never occur; labels must be 0..K-1 "
+                         f"(subtract {low}, or set num_classes if that is intended)")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"{name}: x_train images are {list(x_train.shape[1:])} but x_test "
                          f"images are {list(x_test.shape[1:])}")
@@ -74,12 +85,23 @@ def load_npz(config) -> Dataset:
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"data_path={path!r}: no such file; dataset 'npz' needs a .npz "
                                 f"file with {', '.join(NPZ_KEYS)}")
+    if not zipfile.is_zipfile(path):  # np.load would guess a pickle and say so, misleadingly
+        raise ValueError(f"data_path={path!r}: not an .npz archive (not a zip file, or "
+                         f"truncated); write it with np.savez({', '.join(NPZ_KEYS)})")
+    try:
+        return _load_npz(path, config)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"data_path={path!r}: unreadable .npz ({type(e).__name__}: {e}); "
+                         f"is it truncated?") from None
+
+
+def _load_npz(path, config) -> Dataset:
     with np.load(path) as f:
         missing = [k for k in NPZ_KEYS if k not in f]
         if missing:
             raise ValueError(f"data_path={path!r}: missing arrays {', '.join(missing)}; "
                              f"needs {', '.join(NPZ_KEYS)}")
         arrays = [f[k] for k in NPZ_KEYS]
-    return from_arrays("npz", *arrays, num_classes=config.get("num_classes") or None,
-                       flip=config.get("augment_flip", False),
-                       crop_padding=config.get("augment_crop_padding", 0))
+    return from_arrays("npz", *arrays, num_classes=config.num_classes or None,
+                       flip=config.augment and config.augment_flip,
+                       crop_padding=config.augment_crop_padding if config.augment else 0)

@@ -4,8 +4,9 @@ A source is anything with ``len()`` and fancy indexing that returns ``(images, l
 in-memory NumPy arrays (digits, npz, CIFAR) or a ``tfds.data_source`` (ImageNet). The
 training order of epoch ``e`` is a permutation drawn from ``(seed, e)``, and the
 augmentation of step ``s`` from ``(seed, s)``, so a resumed run sees exactly the batches an
-uninterrupted run would. Batches are prepared on a background thread so that the host
-overlaps the next batch with the device's current step.
+uninterrupted run would. On several hosts each process reads only its own slice of every
+global batch. Batches are prepared on a background thread so that the host overlaps the
+next batch with the device's current step.
 """
 from __future__ import annotations
 
@@ -55,32 +56,42 @@ class Dataset:
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self.train) // batch_size  # the last partial batch is dropped
 
-    def train_batches(self, *, epoch: int, batch_size: int, seed: int,
-                      start_step: int = 0) -> Iterator[dict]:
-        """Batches of ``epoch`` from step ``start_step`` of that epoch on."""
+    def train_batches(self, *, epoch: int, batch_size: int, seed: int, start_step: int = 0,
+                      process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+        """Batches of ``epoch`` from step ``start_step`` of that epoch on.
+
+        With ``process_count > 1`` this process reads and augments only its own slice
+        (``batch_size // process_count`` examples) of every global batch; its augmentation
+        stream is seeded by its index as well.
+        """
         steps = self.steps_per_epoch(batch_size)
         order = np.random.default_rng([seed, epoch]).permutation(len(self.train))
         for i in range(start_step, steps):
-            idx = np.sort(order[i * batch_size:(i + 1) * batch_size])
+            idx = _local(np.sort(order[i * batch_size:(i + 1) * batch_size]),
+                         process_index, process_count)
             images, labels = self.train[idx]
-            rng = np.random.default_rng([seed, epoch, i, 1])
-            yield {"image": self.train_transform(images, rng),
+            key = [seed, epoch, i, 1] + ([process_index] if process_count > 1 else [])
+            yield {"image": self.train_transform(images, np.random.default_rng(key)),
                    "label": np.asarray(labels, np.int32)}
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict]:
-        """The whole test set; the last batch is padded, with ``mask`` 0 on the padding."""
+    def eval_batches(self, batch_size: int, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[dict]:
+        """The whole test set; the last batch is padded (repeating an example), with
+        ``mask`` 0 on the padding. Each process reads only its slice of every batch."""
         n = len(self.test)
         for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            images, labels = self.test[idx]
-            pad = batch_size - len(idx)
-            images = self.test_transform(images, np.random.default_rng(0))
-            batch_axis = 1 if self.time_steps else 0
-            widths = [(0, 0)] * images.ndim
-            widths[batch_axis] = (0, pad)
-            yield {"image": np.pad(images, widths),
-                   "label": np.pad(np.asarray(labels, np.int32), (0, pad)),
-                   "mask": np.pad(np.ones(len(idx), np.float32), (0, pad))}
+            positions = _local(np.arange(start, start + batch_size), process_index,
+                               process_count)
+            images, labels = self.test[np.minimum(positions, n - 1)]
+            yield {"image": self.test_transform(images, np.random.default_rng(0)),
+                   "label": np.asarray(labels, np.int32),
+                   "mask": (positions < n).astype(np.float32)}
+
+
+def _local(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous part of a global batch's indices."""
+    per = len(indices) // process_count
+    return indices[process_index * per:(process_index + 1) * per]
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:

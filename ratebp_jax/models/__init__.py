@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import jax
 from flax import nnx
 
 from ratebp_jax.models import preact_resnet, resnet, sew_resnet, vgg
@@ -48,8 +49,15 @@ TINY = {
 def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
                  image_size: int = 32, neuron: NeuronConfig = NeuronConfig(),
                  seed: int = 0) -> nnx.Module:
-    """Build model ``name`` (one of MODELS) with weights drawn from ``seed``."""
+    """Build model ``name`` (one of MODELS) with weights drawn from ``seed``.
+
+    The weights are drawn with JAX's non-partitionable threefry: XLA:CPU compiles each
+    initialiser's partitionable threefry in 3 to 10 s (0.4 to 0.8 s otherwise), so this
+    one choice takes a tiny model's construction from about 15 s to 2 s. Parameters are
+    created replicated, so the partitionable variant's sharding benefit does not apply.
+    """
     if name not in MODELS:
         raise ValueError(f"model={name!r}: allowed values are {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels,
-                        image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed))
+    with jax.threefry_partitionable(False):
+        return MODELS[name](num_classes=num_classes, in_channels=in_channels,
+                            image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed))

@@ -1,0 +1,194 @@
+"""A workdir belongs to one run: its config, its orbax checkpoints and its records.
+
+The first run writes its whole config to ``config.json``. A rerun in the same workdir may
+differ from it only in the fields of ``RERUN_FIELDS`` (bookkeeping and the schedule's
+length); any other difference is refused before anything on disk is touched, so that a
+changed ``--config.model`` can never overwrite, truncate or quarantine another run's
+records. For the same reason a checkpoint whose tree does not fit the model is a config
+mismatch, and only a checkpoint whose bytes cannot be read is moved aside as corrupt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+# Fields a rerun may change: what is logged, kept or shown, where the same data lives, and
+# how long the run goes on. Everything else defines the run.
+RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "plots",
+                "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size", "nan_policy",
+                "data_dir")
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunMismatch(ValueError):
+    """The workdir holds a different run; nothing was changed."""
+
+
+def check_path(workdir: str) -> None:
+    """``workdir`` must be a directory or not exist yet, and so must its ancestors."""
+    path = os.path.abspath(workdir)
+    while path and path != os.path.dirname(path):
+        if os.path.exists(path) and not os.path.isdir(path):
+            where = "is a file" if path == os.path.abspath(workdir) else f"lies in a file, {path!r}"
+            raise FileExistsError(f"workdir={workdir!r}: {where}; give a directory")
+        path = os.path.dirname(path)
+
+
+def config_dict(config) -> dict:
+    """The config as plain JSON values (tuples become lists, as they would on reading)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_same_run(workdir: str, config) -> None:
+    """Refuse a config that differs from the workdir's ``config.json`` outside RERUN_FIELDS.
+
+    Fields missing from an older ``config.json`` (added to the code since) are not
+    compared; a workdir from before ``config.json`` is compared on its summary's fields. Raises RunMismatch naming every differing field with its old and new value.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        old = read_json(path)
+    elif os.path.exists(os.path.join(workdir, SUMMARY_FILE)):  # a run from before config.json
+        old = read_json(os.path.join(workdir, SUMMARY_FILE))
+    else:
+        return
+    new = config_dict(config)
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new
+               if k in old and k not in RERUN_FIELDS and old[k] != new[k]]
+    if changed:
+        raise RunMismatch(
+            f"workdir={workdir!r} holds a different run ({'; '.join(changed)}); nothing was "
+            f"changed. Use a new --workdir for this config (a rerun may change only "
+            f"{', '.join(RERUN_FIELDS)})")
+
+
+def write_config(workdir: str, config) -> None:
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict(config))
+
+
+def completed_summary(workdir: str, total_steps: int) -> dict | None:
+    """The summary of a run in ``workdir`` that already trained ``total_steps``, else None."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    summary = read_json(path)
+    if summary.get("interrupted") or summary.get("steps", -1) < total_steps:
+        return None
+    return summary
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoint_managers(workdir: str, keep: int, *, create: bool = True):
+    """``latest`` (resume) and ``best`` (highest test accuracy) orbax managers. Orbax writes
+    to a temporary directory and renames it on commit, so a killed run never leaves a
+    half-written checkpoint that looks complete."""
+    workdir = os.path.abspath(workdir)  # orbax needs absolute paths
+    def manager(folder, max_to_keep):
+        # The handler is named up front so that a fresh manager can read a checkpoint's
+        # metadata (check_fits) before anything has been saved or restored through it.
+        return ocp.CheckpointManager(
+            os.path.join(workdir, folder), item_handlers=ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
+    return manager("checkpoints", keep), manager("best", 1)
+
+
+def _leaf_signature(tree) -> dict[str, tuple]:
+    """``{path: shape}`` with NNX ``.value`` attributes and list indices spelled as orbax
+    stores them, so a live state and a checkpoint's metadata compare key by key."""
+    def name(key):
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def check_fits(manager, step: int, state, workdir: str) -> None:
+    """Raise RunMismatch when checkpoint ``step`` holds another tree than ``state``.
+
+    Reads only the checkpoint's metadata; unreadable metadata propagates as the corrupt case.
+    """
+    stored = _leaf_signature(manager.item_metadata(step).tree)
+    wanted = _leaf_signature(state)
+    if stored != wanted:
+        differ = sorted(set(stored.items()) ^ set(wanted.items()))
+        raise RunMismatch(
+            f"workdir={workdir!r}: checkpoint {step} holds a different model or state "
+            f"({len(differ)} arrays differ, e.g. {differ[0][0]}); nothing was changed. Use a "
+            f"new --workdir for this config")
+
+
+def restore_latest(manager, state, log, workdir: str):
+    """Restore the newest readable checkpoint into ``state``'s structure and shardings.
+
+    A checkpoint of another model raises RunMismatch. A corrupt newest checkpoint is
+    reported, moved aside to ``corrupt_checkpoints/`` (so that the resumed run can write
+    that step again) and the previous one is tried.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            check_fits(manager, step, abstract, workdir)
+            return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+        except RunMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+            log(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); moved aside, trying an older one")
+            _quarantine(manager, step)
+    return state, None
+
+
+def _quarantine(manager, step):
+    directory = os.fspath(manager.directory)
+    aside = os.path.join(os.path.dirname(directory), "corrupt_checkpoints")
+    if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        os.replace(os.path.join(directory, str(step)),
+                   os.path.join(aside, f"{step}-{int(time.time())}"))
+    manager.reload()
+
+
+# --------------------------------------------------------------------------- records
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def truncate_jsonl(path, step):
+    """Drop records written after ``step`` (a run killed after logging, before saving)."""
+    kept = [r for r in read_jsonl(path) if r["step"] <= step]
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
+    return kept
