@@ -8,6 +8,7 @@ resolved once by ``methods.make_grad_fn``.
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import signal
@@ -88,7 +89,8 @@ def validate_config(config, *, devices: bool = True) -> None:
     _allowed("rate_grad_scale", config.rate_grad_scale, methods.RATE_GRAD_SCALES)
     _allowed("optimizer", config.optimizer, OPTIMIZERS)
     _allowed("nan_policy", config.nan_policy, NAN_POLICIES)
-    for field in ("T", "batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints"):
+    for field in ("T", "batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints",
+                  "log_every_steps"):
         _integer(config, field, 1)
     for field in ("num_train_steps", "checkpoint_every_steps", "num_classes", "image_size",
                   "seed", "augment_crop_padding"):
@@ -372,29 +374,30 @@ def train_and_evaluate(config, workdir: str, *, log=print,
                 start_step=start_in_epoch, process_index=jax.process_index(),
                 process_count=jax.process_count()))
             bar = _progress(config, epoch, num_epochs, start_in_epoch, epoch_steps)
-            t_epoch, images_seen, pending = time.time(), 0, None
-            for _, batch in zip(range(start_in_epoch, epoch_steps), batches):
-                state, metrics = train_step(state, shard(batch))
-                # Fetch the previous step's metrics now: the device never waits on the host.
-                if pending is not None:
-                    _consume(pending, bar, config)
-                pending = (step, metrics)
+            t_epoch, images_seen, pending = time.time(), 0, []
+            for _, batch in zip(range(start_in_epoch, epoch_steps), on_device(batches, shard)):
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
                 step += 1
                 images_seen += config.batch_size
                 interrupted = stop.requested() or step == interrupt_at_step
                 # At an epoch's end the epoch is evaluated and checkpointed as usual first.
                 mid_epoch = step % steps_per_epoch != 0 and step < total_steps
-                if mid_epoch and (interrupted or (config.checkpoint_every_steps and
-                                                  step % config.checkpoint_every_steps == 0)):
+                save = mid_epoch and (interrupted or (config.checkpoint_every_steps and
+                                                      step % config.checkpoint_every_steps == 0))
+                # The host reads metrics only every log_every_steps steps (and before a
+                # save, so that a non-finite step is never checkpointed): in between, the
+                # device runs ahead without waiting for Python.
+                if save or len(pending) >= config.log_every_steps:
                     _consume(pending, bar, config)
-                    pending = None
+                    pending = []
+                if save:
                     latest.save(step, args=ocp.args.StandardSave(state), force=True)
                     if interrupted:
                         break
                 if bar is not None:
                     bar.update(1)
-            if pending is not None:
-                _consume(pending, bar, config)
+            _consume(pending, bar, config)
             if bar is not None:
                 bar.close()
             if interrupted and mid_epoch:
@@ -473,12 +476,28 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
+def on_device(batches, shard, ahead: int = 1):
+    """Yield ``shard(batch)`` with the next ``ahead`` batches already transferred, so that
+    each step's data is on the devices when the step starts (transfers are asynchronous).
+    Written by hand: Flax's ``prefetch_to_device`` is for pmap, not ``jax.sharding``."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(shard(batch))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    yield from queue
+
+
 def _consume(pending, bar, config):
-    """Check one step's fetched metrics: a non-finite step stops the run (or is reported,
-    with ``nan_policy="skip"``); the bar shows the epoch's running means."""
-    step, metrics = pending
-    metrics = jax.device_get(metrics)
-    if not metrics["finite"]:
+    """Fetch the pending steps' metrics in one transfer and check them in order: a
+    non-finite step stops the run (or is reported, with ``nan_policy="skip"``); the bar
+    shows the epoch's running means."""
+    if not pending:
+        return
+    fetched = jax.device_get([metrics for _, metrics in pending])
+    for (step, _), metrics in zip(pending, fetched):
+        if metrics["finite"]:
+            continue
         if config.nan_policy == "stop":
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}); "
@@ -487,8 +506,8 @@ def _consume(pending, bar, config):
         if bar is not None:
             bar.write(f"warning: skipped step {step + 1}: non-finite loss or gradient")
     if bar is not None:
-        bar.set_postfix(loss=f"{metrics['epoch_loss']:.3f}",
-                        acc=f"{metrics['epoch_accuracy']:.3f}")
+        bar.set_postfix(loss=f"{fetched[-1]['epoch_loss']:.3f}",
+                        acc=f"{fetched[-1]['epoch_accuracy']:.3f}")
 
 
 def _progress(config, epoch, num_epochs, start, total):

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 
 # Fields a rerun may change: what is logged, kept or shown, where the same data lives, and
 # how long the run goes on. Everything else defines the run.
-RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "plots",
+RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "log_every_steps",
+                "plots",
                 "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size", "nan_policy",
                 "data_dir")
 
@@ -99,9 +100,13 @@ def checkpoint_managers(workdir: str, keep: int, *, create: bool = True):
     def manager(folder, max_to_keep):
         # The handler is named up front so that a fresh manager can read a checkpoint's
         # metadata (check_fits) before anything has been saved or restored through it.
+        # Several processes save synchronously: two managers' asynchronous saves at the
+        # same step were seen to deadlock in orbax's cross-process barriers (gloo, CPU).
         return ocp.CheckpointManager(
             os.path.join(workdir, folder), item_handlers=ocp.StandardCheckpointHandler(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=create,
+                enable_async_checkpointing=jax.process_count() == 1))
     return manager("checkpoints", keep), manager("best", 1)
 
 

@@ -50,6 +50,7 @@ CASES = [
     (["--config.checkpoint_every_steps=-2"], "checkpoint_every_steps=-2"),
     (["--config.keep_checkpoints=0"], "keep_checkpoints=0: must be an integer >= 1"),
     (["--config.progress_bar=sometimes"], "--config.progress_bar"),
+    (["--config.log_every_steps=0"], "log_every_steps=0: must be an integer >= 1"),
     (["--config.plots=2"], "--config.plots"),
     (["--config.nan_policy=ignore"], "nan_policy='ignore': allowed values are"),
     # unknown fields and flags, the config file, the workdir

@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 0  # > 0: also checkpoint mid-epoch every this many steps
     c.keep_checkpoints = 2  # latest checkpoints kept (the best one is kept separately)
     c.progress_bar = True  # tqdm bar with loss, accuracy and images/s
+    c.log_every_steps = 10  # the host reads the steps' metrics (bar, NaN check) this often;
+    # in between the device runs ahead without waiting for Python
     c.plots = True  # write PNG curves into the workdir
     c.nan_policy = "stop"  # stop | skip: what a non-finite loss or gradient does
     return c
