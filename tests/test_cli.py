@@ -75,3 +75,17 @@ def test_accuracy_benchmark_runs_every_method_and_mode(tmp_path):
     assert [(s["method"], s["step_mode"]) for s in summary] == [
         ("bptt", "multi"), ("bptt", "single"), ("rate", "multi"), ("rate", "single")]
     assert all(0.0 <= s["mean_accuracy"] <= 1.0 for s in summary)
+
+
+def test_device_benchmark_smoke_writes_every_program_in_both_modes_and_dtypes(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "experiments", "device_benchmark.sh"),
+                           "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "device_benchmark.json").read_text())
+    rows = {(r["step_mode"], r["dtype"], r["program"]): r for r in result["results"]}
+    assert set(rows) == {(mode, dtype, program) for mode in ("multi", "single")
+                         for dtype in ("float32", "bfloat16")
+                         for program in ("infer", "rate", "bptt", "bptt_remat")}
+    assert all(r["images_per_s"] > 0 and r["temp_bytes"] > 0 for r in rows.values())
+    assert "images/s" in proc.stdout and result["batch"] == 4

@@ -1,0 +1,92 @@
+"""The training loop's overhead: its steps/s against a bare loop of the same jitted step.
+
+    python experiments/loop_overhead.py [--model vgg_tiny] [--epochs 4] [--json PATH]
+
+Trains the digits default (with ``--model``) through ``train.train_and_evaluate``, and
+takes the loop's steps/s from the epochs after the first (the first compiles). Then it
+runs a bare Python loop of the same jitted, state-donating train step over the same
+epochs' batches, already on the device, and blocks once at the end: the ceiling for any
+loop. Both run in this one process, so the ratio is of one machine state.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import jax
+
+import cli_errors
+from configs import default
+from ratebp_jax import data, methods, models, train
+
+
+def parse_args(argv=None):
+    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="vgg_tiny", help="a zoo model, the smallest by default")
+    p.add_argument("--epochs", type=int, default=4,
+                   help="epochs to train; the first (compilation) is not timed")
+    p.add_argument("--json", default=None, help="write the figures here")
+    args = p.parse_args(argv)
+    cli_errors.check_choices("--model", [args.model], models.MODELS)
+    cli_errors.check_int("--epochs", args.epochs, 2)
+    cli_errors.check_output_path("--json", args.json)
+    return args
+
+
+def config_for(args):
+    c = default.get_config()
+    c.model, c.num_epochs, c.progress_bar, c.plots = args.model, args.epochs, False, False
+    return c
+
+
+def loop_steps_per_s(config) -> float:
+    """Steps/s of ``train_and_evaluate``'s loop over epochs 2.. (evaluation excluded)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        train.train_and_evaluate(config, workdir, log=lambda *_: None)
+        records = train.wd.read_jsonl(f"{workdir}/{train.wd.METRICS_FILE}")
+    timed = records[1:]
+    steps = timed[-1]["step"] - records[0]["step"]
+    return steps / sum(r["seconds"] for r in timed)
+
+
+def bare_steps_per_s(config) -> float:
+    """Steps/s of ``for batch: state = step(state, batch)`` on pre-transferred batches."""
+    dataset = data.load_dataset(config)
+    steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+    tx = train.create_optimizer(config, train.learning_rate_schedule(
+        config, steps_per_epoch, config.num_epochs))
+    net, state = train.create_state(config, dataset.image_shape, dataset.num_classes, tx)
+    grad_fn = methods.make_grad_fn(config.method, net, T=config.T, step_mode=config.step_mode,
+                                   rate_grad_scale=config.rate_grad_scale)
+    step = jax.jit(train.make_train_step(grad_fn, tx, config.nan_policy), donate_argnums=0)
+    batches = [jax.device_put(b) for epoch in range(config.num_epochs) for b in
+               dataset.train_batches(epoch=epoch, batch_size=config.batch_size,
+                                     seed=config.seed)]
+    state, metrics = step(state, batches[0])  # compile
+    jax.block_until_ready(metrics)
+    timed = batches[steps_per_epoch:]
+    start = time.perf_counter()
+    for batch in timed:
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return len(timed) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = config_for(args)
+    loop, bare = loop_steps_per_s(config), bare_steps_per_s(config)
+    result = {"model": args.model, "T": config.T, "batch_size": config.batch_size,
+              "epochs_timed": args.epochs - 1, "loop_steps_per_s": loop,
+              "bare_steps_per_s": bare, "loop_over_bare": loop / bare,
+              "device": jax.devices()[0].device_kind}
+    print(f"{args.model}, batch {config.batch_size}, T={config.T}: training loop "
+          f"{loop:.1f} steps/s, bare jitted loop {bare:.1f} steps/s, ratio {loop / bare:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    cli_errors.run(main)
