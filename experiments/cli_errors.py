@@ -54,11 +54,13 @@ def closest(name: str, candidates) -> str:
 
 
 def check_choices(flag: str, values, allowed) -> None:
-    """Every value of a (multi-valued) flag must be one of ``allowed``."""
+    """Every value of a (multi-valued) flag must be one of ``allowed`` (the closest one is
+    suggested)."""
     allowed = list(allowed)
     for value in values:
         if value not in allowed:
-            raise UsageError(f"{flag}={value!r}: allowed values are {', '.join(allowed)}")
+            raise UsageError(f"{flag}={value!r}: allowed values are {', '.join(allowed)}"
+                             f"{closest(str(value), allowed)}")
 
 
 def check_int(flag: str, value, minimum: int = 1, maximum: int | None = None) -> None:
