@@ -1,10 +1,13 @@
 """Test accuracy of rate-BP against BPTT on the embedded digits, over seeds, same budget.
 
     python experiments/accuracy_benchmark.py --seeds 0 1 2 --json acc.json
+    python experiments/accuracy_benchmark.py --methods rate --step-modes multi \
+        --dtypes float32 bfloat16
 
-Trains the default config (a small spiking CNN, T=4) once per (method, step mode, seed)
-with identical hyperparameters and epochs, and reports the mean and standard deviation of
-the final test accuracy and the mean wall time per method.
+Trains the default config (a small spiking CNN, T=4) once per (method, step mode, compute
+dtype, seed) with identical hyperparameters and epochs, and reports the mean and standard
+deviation of the final test accuracy and the mean wall time per method, step mode and
+dtype.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 
 import cli_errors
 from configs import default
-from ratebp_jax import methods, train
+from ratebp_jax import methods, models, train
 from ratebp_jax.layers import STEP_MODES
 
 
@@ -27,6 +30,9 @@ def parse_args(argv=None):
                    help=f"training methods, of {', '.join(methods.METHODS)}")
     p.add_argument("--step-modes", nargs="+", default=["multi", "single"],
                    help=f"step modes, of {', '.join(STEP_MODES)}")
+    p.add_argument("--dtypes", nargs="+", default=["float32"],
+                   help=f"compute dtypes of convolutions and dense layers, of "
+                        f"{', '.join(models.COMPUTE_DTYPES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one run per seed, each in [0, 2^32)")
     p.add_argument("--num-epochs", type=int, default=None,
@@ -42,6 +48,7 @@ def validate(args):
     UsageError naming the flag, the value and what is allowed."""
     cli_errors.check_choices("--methods", args.methods, methods.METHODS)
     cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    cli_errors.check_choices("--dtypes", args.dtypes, models.COMPUTE_DTYPES)
     for seed in args.seeds:
         cli_errors.check_int("--seeds", seed, 0, 2**32 - 1)
     if args.num_epochs is not None:
@@ -52,11 +59,11 @@ def validate(args):
     cli_errors.check_output_path("--json", args.json)
 
 
-def make_config(args, method, mode, seed):
-    """The default config with this run's method, step mode and seed and the flags'
-    overrides."""
+def make_config(args, method, mode, dtype, seed):
+    """The default config with this run's method, step mode, compute dtype and seed and the
+    flags' overrides."""
     c = default.get_config()
-    c.method, c.step_mode, c.seed = method, mode, seed
+    c.method, c.step_mode, c.compute_dtype, c.seed = method, mode, dtype, seed
     c.progress_bar, c.plots = False, False
     if args.num_epochs is not None:
         c.num_epochs = args.num_epochs
@@ -68,37 +75,40 @@ def make_config(args, method, mode, seed):
 
 def run(args) -> dict:
     validate(args)
-    plan = [(method, mode, seed) for method in args.methods for mode in args.step_modes
-            for seed in args.seeds]
+    plan = [(method, mode, dtype, seed) for method in args.methods
+            for mode in args.step_modes for dtype in args.dtypes for seed in args.seeds]
     configs = [make_config(args, *key) for key in plan]
     for c in configs:  # a config the flags make invalid fails now, not after some runs
         train.validate_config(c)
     runs = []
-    for (method, mode, seed), c in zip(plan, configs):
+    for (method, mode, dtype, seed), c in zip(plan, configs):
         with tempfile.TemporaryDirectory() as workdir:
             s = train.train_and_evaluate(c, workdir, log=lambda *_: None)
-        runs.append({"method": method, "step_mode": mode, "seed": seed,
+        runs.append({"method": method, "step_mode": mode, "dtype": dtype, "seed": seed,
                      "test_accuracy": s["final_test_accuracy"],
                      "wall_time_s": s["wall_time_s"]})
-        print(f"  {method:<6} {mode:<6} seed {seed}: accuracy {s['final_test_accuracy']:.4f}"
-              f" in {s['wall_time_s']:.1f}s", flush=True)
+        print(f"  {method:<6} {mode:<6} {dtype:<8} seed {seed}: accuracy "
+              f"{s['final_test_accuracy']:.4f} in {s['wall_time_s']:.1f}s", flush=True)
     summary = []
     for method in args.methods:
         for mode in args.step_modes:
-            sel = [r for r in runs if r["method"] == method and r["step_mode"] == mode]
-            acc = np.array([r["test_accuracy"] for r in sel])
-            summary.append({"method": method, "step_mode": mode, "seeds": len(sel),
-                            "mean_accuracy": float(acc.mean()), "std_accuracy": float(acc.std()),
-                            "mean_wall_time_s": float(np.mean([r["wall_time_s"] for r in sel]))})
+            for dtype in args.dtypes:
+                sel = [r for r in runs
+                       if (r["method"], r["step_mode"], r["dtype"]) == (method, mode, dtype)]
+                acc = np.array([r["test_accuracy"] for r in sel])
+                summary.append({
+                    "method": method, "step_mode": mode, "dtype": dtype, "seeds": len(sel),
+                    "mean_accuracy": float(acc.mean()), "std_accuracy": float(acc.std()),
+                    "mean_wall_time_s": float(np.mean([r["wall_time_s"] for r in sel]))})
     return {"summary": summary, "runs": runs}
 
 
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)
-    print(f"{'method':<8}{'mode':<8}{'seeds':>6} {'accuracy':>16} {'wall s':>8}")
+    print(f"{'method':<8}{'mode':<8}{'dtype':<10}{'seeds':>6} {'accuracy':>16} {'wall s':>8}")
     for r in result["summary"]:
-        print(f"{r['method']:<8}{r['step_mode']:<8}{r['seeds']:>6} "
+        print(f"{r['method']:<8}{r['step_mode']:<8}{r['dtype']:<10}{r['seeds']:>6} "
               f"{100 * r['mean_accuracy']:>9.2f} +- {100 * r['std_accuracy']:.2f} "
               f"{r['mean_wall_time_s']:>8.1f}")
     if args.json:

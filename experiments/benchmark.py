@@ -2,7 +2,7 @@
 
     python experiments/benchmark.py --model resnet18 --batch 16 --image-size 32 \
         --T 1 2 4 8 16 --methods bptt bptt_remat rate --step-modes multi single \
-        --repeats 3 --json bench.json --plot bench.png
+        --repeats 3 --json bench.json --plot bench.png [--dtype bfloat16]
 
 For every (method, step mode, T): XLA's compiled memory statistics of the jitted gradient
 step (temp_bytes, argument_bytes), compile time, and the median step time after a warm-up
@@ -12,7 +12,9 @@ memory at the same T and step mode, step/inference time (the physical lower boun
 (T+3)/T for rate-BP and 3 for BPTT: one forward plus two backward passes' worth of work),
 and memory at T over memory at T=1. All programs of one (step mode, T) are compiled first and
 then timed round robin, so that drift of the machine touches them alike. ``--breakdown``
-also times rate-BP's spike pass and rate pass on their own.
+also times rate-BP's spike pass and rate pass on their own. ``--dtype bfloat16`` runs the
+convolutions and dense layers in bfloat16 (``models.set_compute_dtype``); every row and
+the table say which dtype they measured.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="images per training step")
     p.add_argument("--image-size", type=int, default=32, help="height and width of the images")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the classifier")
+    p.add_argument("--dtype", default="float32",
+                   help=f"compute dtype of convolutions and dense layers, one of "
+                        f"{', '.join(models.COMPUTE_DTYPES)}")
     p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                    help="simulation time steps to measure at")
     p.add_argument("--methods", nargs="+", default=["bptt", "bptt_remat", "rate"],
@@ -63,6 +68,7 @@ def validate(args):
         cli_errors.check_int("--T", T)
     cli_errors.check_choices("--methods", args.methods, methods.METHODS)
     cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    cli_errors.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
     cli_errors.check_int("--repeats", args.repeats, 0)
     if args.breakdown and "rate" not in args.methods:
         raise cli_errors.UsageError(f"--breakdown: times rate-BP's passes, but --methods="
@@ -89,7 +95,7 @@ def check_plot_format(path):
 def run(args) -> list[dict]:
     validate(args)
     model = models.create_model(args.model, num_classes=args.num_classes,
-                                image_size=args.image_size)
+                                image_size=args.image_size, compute_dtype=args.dtype)
     net, params, batch_stats = methods.split_model(model)
     batch = analysis.random_batch(jax.random.key(0), args.batch, args.image_size, 3,
                                   args.num_classes)
@@ -119,14 +125,15 @@ def measure(args, net, params, batch_stats, batch, mode, T) -> list[dict]:
         repeats=args.repeats) if args.repeats else {}
     rows = []
     for method in args.methods:
-        row = {"method": method, "step_mode": mode, "T": T, **stats[method],
+        row = {"method": method, "step_mode": mode, "T": T, "dtype": args.dtype,
+               **stats[method],
                "step_s": times.get(method), "infer_s": times.get("infer"),
                "infer_temp_bytes": stats["infer"]["temp_bytes"]}
         if method == "rate" and "spike_pass" in programs:
             row["spike_pass_s"] = times.get("spike_pass")
             row["rate_pass_s"] = times.get("rate_pass")
         rows.append(row)
-        print(f"  measured {method:<10} {mode:<6} T={T:<3} step {row['step_s']}s "
+        print(f"  measured {method:<10} {mode:<6} T={T:<3} {args.dtype} step {row['step_s']}s "
               f"temp {row['temp_bytes'] / 2**20:.1f} MiB", flush=True)
     return rows
 
@@ -152,14 +159,16 @@ def add_ratios(rows):
 
 
 def print_table(rows):
-    print(f"{'method':<11}{'mode':<7}{'T':>3} {'temp MiB':>9} {'arg MiB':>8} {'compile':>8} "
+    print(f"{'method':<11}{'mode':<7}{'T':>3} {'dtype':>9} {'temp MiB':>9} {'arg MiB':>8} "
+          f"{'compile':>8} "
           f"{'step s':>8} {'infer s':>8} {'t/bptt':>7} {'m/bptt':>7} {'step/inf':>8} "
           f"{'m/m(T0)':>8}")
     def fmt(x, digits=3):
         return f"{x:.{digits}f}" if x is not None else "-"
 
     for r in rows:
-        print(f"{r['method']:<11}{r['step_mode']:<7}{r['T']:>3} {r['temp_bytes'] / 2**20:>9.2f} "
+        print(f"{r['method']:<11}{r['step_mode']:<7}{r['T']:>3} {r['dtype']:>9} "
+              f"{r['temp_bytes'] / 2**20:>9.2f} "
               f"{r['argument_bytes'] / 2**20:>8.2f} {r['compile_s']:>8.2f} "
               f"{fmt(r['step_s'], 4):>8} {fmt(r['infer_s'], 4):>8} {fmt(r['time_vs_bptt']):>7} "
               f"{fmt(r['temp_vs_bptt']):>7} {fmt(r['step_over_infer'], 2):>8} "
@@ -211,6 +220,7 @@ def main(argv=None):
     rows = run(args)
     print_table(rows)
     meta = {"model": args.model, "batch": args.batch, "image_size": args.image_size,
+            "dtype": args.dtype,
             "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
     if args.json:
         with open(args.json, "w") as f:

@@ -1,11 +1,11 @@
 """Compare rate-BP (or another method) gradients with BPTT's, on random data and weights.
 
     python experiments/compare_gradients.py --model resnet18 --image-size 32 --batch 8 \
-        --T 1 2 4 --step-modes multi single --json grads.json
+        --T 1 2 4 --step-modes multi single --json grads.json [--dtype bfloat16]
 
-For every (method, step mode, T) it computes the BPTT reference at the same step mode and T,
-and prints the cosine similarity and norm ratio over all parameters and the largest
-per-parameter relative error ``||g - g_bptt|| / ||g_bptt||``.
+For every (method, step mode, T) it computes the BPTT reference at the same step mode, T and
+compute dtype, and prints the cosine similarity and norm ratio over all parameters and the
+largest per-parameter relative error ``||g - g_bptt|| / ||g_bptt||``.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32, help="height and width of the images")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the classifier")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (2 for DVS)")
+    p.add_argument("--dtype", default="float32",
+                   help=f"compute dtype of convolutions and dense layers, one of "
+                        f"{', '.join(models.COMPUTE_DTYPES)}")
     p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4],
                    help="simulation time steps to compare at")
     p.add_argument("--methods", nargs="+", default=["rate"],
@@ -56,6 +59,7 @@ def validate(args):
     cli_errors.check_choices("--methods", args.methods, methods.METHODS)
     cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
     cli_errors.check_choices("--reset", [args.reset], neurons.RESET_MODES)
+    cli_errors.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
     cli_errors.check_choices("--rate-grad-scale", [args.rate_grad_scale],
                              methods.RATE_GRAD_SCALES)
     cli_errors.check_float("--input-scale", args.input_scale, 0, low_open=True)
@@ -67,7 +71,8 @@ def compare(args) -> list[dict]:
     validate(args)
     model = models.create_model(args.model, num_classes=args.num_classes,
                                 in_channels=args.in_channels, image_size=args.image_size,
-                                neuron=neurons.NeuronConfig(reset=args.reset), seed=args.seed)
+                                neuron=neurons.NeuronConfig(reset=args.reset), seed=args.seed,
+                                compute_dtype=args.dtype)
     net, params, batch_stats = methods.split_model(model)
     batch = analysis.random_batch(jax.random.key(args.seed + 1), args.batch, args.image_size,
                                   args.in_channels, args.num_classes, scale=args.input_scale)
@@ -83,16 +88,17 @@ def compare(args) -> list[dict]:
             for method in args.methods:
                 stats = analysis.compare_gradients(grads(method), g_bptt)
                 results.append({"method": method, "step_mode": step_mode, "T": T,
-                                "reset": args.reset, **stats})
+                                "reset": args.reset, "dtype": args.dtype, **stats})
     return results
 
 
 def print_table(results):
-    print(f"{'method':<8} {'step':<7} {'T':>3}  {'cosine':>9} {'norm_ratio':>10} "
+    print(f"{'method':<8} {'step':<7} {'T':>3} {'dtype':>9}  {'cosine':>9} {'norm_ratio':>10} "
           f"{'max_rel_err':>11}  worst parameter")
     for r in results:
         worst = max(r["per_param"], key=lambda p: p["rel_err"])["name"]
-        print(f"{r['method']:<8} {r['step_mode']:<7} {r['T']:>3}  {r['cosine']:>9.6f} "
+        print(f"{r['method']:<8} {r['step_mode']:<7} {r['T']:>3} {r['dtype']:>9}  "
+              f"{r['cosine']:>9.6f} "
               f"{r['norm_ratio']:>10.6f} {r['max_rel_err']:>11.3e}  {worst}")
 
 

@@ -100,6 +100,7 @@ def main(argv):
 
 
 def run(argv=None):
+    from ratebp_jax.data import DataWorkerError
     from ratebp_jax.train import NonFiniteError
     try:
         app.run(main, argv=argv, flags_parser=cli_errors.absl_flags_parser(DEFAULT_CONFIG))
@@ -107,6 +108,8 @@ def run(argv=None):
         cli_errors.fail(str(e))
     except NonFiniteError as e:
         cli_errors.fail(str(e), code=3)
+    except DataWorkerError as e:
+        cli_errors.fail(str(e).splitlines()[0], code=1)
     except KeyboardInterrupt:
         cli_errors.fail("stopped by a second Ctrl-C; rerun the same command to resume from "
                         "the last checkpoint", code=130)

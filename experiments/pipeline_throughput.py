@@ -1,13 +1,19 @@
-"""Host-side throughput of the CIFAR training pipeline, in images/s.
+"""Host-side throughput of the CIFAR training pipeline, in images/s, per number of workers.
 
-    python experiments/pipeline_throughput.py [--images 5000] [--batch 128]
+    python experiments/pipeline_throughput.py [--workers 0 1 2] [--images 20000] [--batch 128]
+        [--json PATH]
 
 Runs crop + flip + AutoAugment + Cutout + standardisation on random uint8 CIFAR-shaped
-images through the same prefetching pipeline training uses (no dataset download needed),
-so the figure can be set against a device's training throughput.
+images through ``train_iterator``, the grain pipeline training reads (no dataset download
+needed), once for each worker count, so the figures can be set against a device's training
+throughput. ``--workers 0`` prepares batches on one background thread of this process; N >= 1
+in N worker processes. One batch more than ``--images`` is prepared first and not timed: it
+waits for the workers to start (seconds: each imports grain and jax).
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import numpy as np
@@ -18,31 +24,60 @@ from ratebp_jax.data.autoaugment import auto_augment_cifar10
 from ratebp_jax.data.tfds_datasets import CIFAR_STATS
 
 
-def main(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=5000,
-                   help="random images to push through the pipeline, >= --batch")
-    p.add_argument("--batch", type=int, default=128, help="images per batch, >= 1")
-    args = p.parse_args(argv)
-    cli_errors.check_int("--batch", args.batch)
-    if args.images < args.batch:  # one epoch must hold a whole batch
-        raise cli_errors.UsageError(f"--images={args.images}: must be an integer >= --batch "
-                                    f"({args.batch})")
+def cifar_shaped(images: int) -> pipeline.Dataset:
+    """``images`` random uint8 32x32x3 images with CIFAR-10's training augmentations."""
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, args.images)
+    source = pipeline.ArraySource(rng.integers(0, 256, (images, 32, 32, 3), dtype=np.uint8),
+                                  rng.integers(0, 10, images))
     mean, std, _ = CIFAR_STATS["cifar10"]
     train_tf = augment.compose(augment.random_crop(4), augment.random_flip,
                                auto_augment_cifar10, augment.cutout(16),
                                augment.standardize(mean, std))
-    source = pipeline.ArraySource(x, y)
-    ds = pipeline.Dataset("cifar_shaped", source, source, 10, (32, 32, 3), train_tf,
-                          augment.standardize(mean, std))
-    start, n = time.perf_counter(), 0
-    for batch in pipeline.prefetch(ds.train_batches(epoch=0, batch_size=args.batch, seed=0)):
-        n += len(batch["label"])
-    print(f"{n / (time.perf_counter() - start):.0f} images/s (CIFAR train augmentations, "
-          f"batch {args.batch}, one host thread)")
+    return pipeline.Dataset("cifar_shaped", source, source, 10, (32, 32, 3), train_tf,
+                            augment.standardize(mean, std))
+
+
+def measure(dataset: pipeline.Dataset, batch: int, steps: int, workers: int) -> dict:
+    """images/s over ``steps`` batches, timed from the end of one untimed first batch."""
+    start = time.perf_counter()
+    with pipeline.train_iterator(dataset, batch_size=batch, seed=0, total_steps=steps + 1,
+                                 workers=workers) as batches:
+        next(batches)
+        first = time.perf_counter()
+        n = sum(len(b["label"]) for b in batches)
+        seconds = time.perf_counter() - first
+    return {"workers": workers, "images_per_s": n / seconds, "first_batch_s": first - start}
+
+
+def main(argv=None):
+    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                   help="worker process counts to measure, each >= 0 (0: a thread of this "
+                        "process)")
+    p.add_argument("--images", type=int, default=20000,
+                   help="random images to time per worker count, >= --batch")
+    p.add_argument("--batch", type=int, default=128, help="images per batch, >= 1")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    for workers in args.workers:
+        cli_errors.check_int("--workers", workers, 0)
+    cli_errors.check_int("--batch", args.batch)
+    if args.images < args.batch:  # at least one timed batch
+        raise cli_errors.UsageError(f"--images={args.images}: must be an integer >= --batch "
+                                    f"({args.batch})")
+    cli_errors.check_output_path("--json", args.json)
+    steps = args.images // args.batch
+    dataset = cifar_shaped((steps + 1) * args.batch)
+    rows = []
+    for workers in args.workers:
+        rows.append(measure(dataset, args.batch, steps, workers))
+        print(f"workers {workers}: {rows[-1]['images_per_s']:.0f} images/s (CIFAR train "
+              f"augmentations, batch {args.batch}; first batch after "
+              f"{rows[-1]['first_batch_s']:.1f} s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {"images": steps * args.batch, "batch": args.batch,
+                                  "cpus": os.cpu_count()}, "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

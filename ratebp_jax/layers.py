@@ -10,6 +10,12 @@ which is what makes one model definition serve BPTT, rate-BP and evaluation.
   variables. With ``record=True`` LIFs record rate and eligibility and BatchNorms their
   batch statistics, as :class:`Record` variables, for the rate pass.
 * ``phase="rate"``: one pass on time-averaged input using those records.
+
+Mixed precision: convolutions and dense layers may compute in bfloat16
+(``models.create_model(..., compute_dtype="bfloat16")``); LIF and BatchNorm layers compute
+in float32 (:func:`at_least_float32`), so neuron state, eligibilities, records and
+BatchNorm statistics stay float32. BatchNorm returns float32; a LIF returns its spikes in
+the compute dtype (:class:`LIF`).
 """
 from __future__ import annotations
 
@@ -74,6 +80,23 @@ def _placeholder():
     return jnp.zeros((), jnp.float32)
 
 
+def at_least_float32(x):
+    """``x`` in float32 (a wider float, as in the float64 parity runs, is kept); for a
+    float32 ``x`` this is no operation at all, so float32 programs are unchanged.
+
+    Why the neurons and BatchNorm never compute in bfloat16: bfloat16 keeps 8 significant
+    bits (unit roundoff 2^-8). A membrane ``v_t = lam * v_{t-1} + x_t`` rounded to that at
+    every step accumulates the rounding over T steps, and many membranes would land exactly
+    on the threshold (ties) or on the wrong side of it, flipping spikes; the eligibilities
+    and the rate-pass records are running means over T that would lose precision the same
+    way. BatchNorm's statistics are means over T*B*H*W values, and its normalisation
+    divides by a standard deviation that small rounding of ``var`` moves. Spikes (0 or 1)
+    are exact in bfloat16, so casting a LIF's output back to bfloat16 at the next
+    convolution's input loses nothing.
+    """
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _accumulate(var: nnx.Variable, value, ctx: Ctx):
     """Multi mode sets the record; single mode adds this step's share of the time mean."""
     if ctx.step_mode == "single":
@@ -83,16 +106,31 @@ def _accumulate(var: nnx.Variable, value, ctx: Ctx):
 
 
 class LIF(nnx.Module):
-    """Leaky integrate-and-fire layer (see ``neurons.py``)."""
+    """Leaky integrate-and-fire layer (see ``neurons.py``).
 
-    def __init__(self, cfg: neurons.NeuronConfig):
+    Computes in float32 whatever the dtype of its input (see :func:`at_least_float32`):
+    membranes, eligibilities and records are float32. Returns its spikes (rates, in the
+    rate pass) in ``spike_dtype``, float32 when None; ``models.set_compute_dtype`` sets it
+    to the compute dtype. Spikes are exact in bfloat16, and the next convolution would cast
+    them to it anyway; returned in float32, every spike train would be kept twice, in
+    float32 and as that convolution's bfloat16 copy (ResNet-18, batch 64, T=4: a bfloat16
+    rate step then took 58 MiB more than float32's instead of 26). The rate pass's rates
+    are rounded to it likewise, as the next convolution would round them.
+    """
+
+    def __init__(self, cfg: neurons.NeuronConfig, spike_dtype=None):
         self.cfg = cfg
+        self.spike_dtype = spike_dtype
         self.rate = Record(_placeholder())
         self.elig = Record(_placeholder())
         self.u = Membrane(_placeholder())
         self.eps_d = Membrane(_placeholder())
 
     def __call__(self, x, ctx: Ctx):
+        out = self._fire(at_least_float32(x), ctx)
+        return out if self.spike_dtype is None else out.astype(self.spike_dtype)
+
+    def _fire(self, x, ctx: Ctx):
         if ctx.phase == "rate":
             return ratebp.rate_lif(x, self.rate.get_value(), self.elig.get_value())
         monitor_only = ctx.record and not ctx.train  # evaluation: firing rates, no eligibility
@@ -132,7 +170,8 @@ class BatchNorm(nnx.Module):
     eps 1e-5; running statistics follow PyTorch: momentum 0.1 and the unbiased batch
     variance, updated only by the spike pass (in single step mode once per time step).
     Written by hand because the rate pass needs values from one set of statistics and
-    gradients through another, which ``nnx.BatchNorm`` cannot express.
+    gradients through another, which ``nnx.BatchNorm`` cannot express. Statistics and
+    normalisation are float32 whatever the dtype of the input (see :func:`at_least_float32`).
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1):
@@ -148,6 +187,7 @@ class BatchNorm(nnx.Module):
         self.out_mean = Record(_placeholder())
 
     def __call__(self, x, ctx: Ctx):
+        x = at_least_float32(x)
         axes = tuple(range(x.ndim - 1))
         if ctx.phase == "rate":
             rate_mean, rate_var = _moments(x, axes)
@@ -277,6 +317,10 @@ class MaxPool(nnx.Module):
     value (so everything downstream sees the true time means) and routes the gradient to
     each window's largest rate, as the reference does. The gradient is the approximation;
     the value is exact. The reference instead uses the max of rates as the value too.
+
+    The record is float32; the rate pass returns the dtype of its input, as the spike pass
+    does (bfloat16 spikes under mixed precision), so that both passes send the same dtypes
+    downstream and their gradients are rounded alike.
     """
 
     def __init__(self):
@@ -285,9 +329,9 @@ class MaxPool(nnx.Module):
     def __call__(self, x, ctx: Ctx):
         y = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         if ctx.phase == "rate":
-            return ratebp.straight_through(self.out_mean.get_value(), y)
+            return ratebp.straight_through(self.out_mean.get_value(), y).astype(y.dtype)
         if ctx.record:
-            y_sg = jax.lax.stop_gradient(y)
+            y_sg = at_least_float32(jax.lax.stop_gradient(y))  # the record is float32
             if ctx.step_mode == "multi":
                 y_sg = y_sg.reshape((ctx.T, -1) + y.shape[1:]).mean(0)
             _accumulate(self.out_mean, y_sg, ctx)

@@ -9,6 +9,10 @@ Every method made by :func:`make_grad_fn` has the contract (DESIGN.md section 2)
 sequence ``[T, B, H, W, C]``. ``aux`` holds ``logits`` ``[B, K]`` (the output averaged over
 T) and the ``batch_stats`` after the spike pass. The method is the only place that knows
 how gradients are formed; models and layers know only the phase they are run in.
+
+Whatever dtype a model's layers compute in (``models.set_compute_dtype``), the logits are
+taken in float32 (:func:`logits_of`), so their time average, the loss and ``aux`` are
+float32, and the gradients have the parameters' dtype.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ratebp_jax.layers import LIF, Ctx, Membrane, Record, STEP_MODES
+from ratebp_jax.layers import LIF, Ctx, Membrane, Record, STEP_MODES, at_least_float32
 
 RATE_GRAD_SCALES = ("exact", "reference")
 
@@ -94,6 +98,13 @@ def time_mean(images, T: int):
     return images.mean(0) if images.ndim == 5 else images
 
 
+def logits_of(model, x, ctx: Ctx):
+    """``model(x, ctx)`` in float32: a bfloat16 classifier's logits are cast up before they
+    are averaged over time (a sum of T bfloat16 terms would round at every step) and before
+    the softmax and the loss."""
+    return at_least_float32(model(x, ctx))
+
+
 def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
     """Run the spiking network over T steps on ``images`` (see :func:`check_images`).
 
@@ -105,7 +116,7 @@ def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
         x_TxB = time_major(images, T)
         model = net.merge(params, batch_stats)
         B = x_TxB.shape[1]
-        logits = model(x_TxB.reshape((T * B,) + x_TxB.shape[2:]), ctx)
+        logits = logits_of(model, x_TxB.reshape((T * B,) + x_TxB.shape[2:]), ctx)
         _, batch_stats, transient = _split(model)
         return logits.reshape((T, B, -1)).mean(0), batch_stats, transient
 
@@ -115,7 +126,7 @@ def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
     def step(carry, x_B):
         batch_stats, transient, logits_sum = carry
         model = net.merge(params, batch_stats, transient)
-        logits = model(images if static else x_B, ctx)
+        logits = logits_of(model, images if static else x_B, ctx)
         _, batch_stats, transient = _split(model)
         return (batch_stats, transient, logits_sum + logits / T), None
 
@@ -181,7 +192,7 @@ def spike_pass(net: Network, params, batch_stats, images, *, T: int, step_mode: 
 def rate_pass(net: Network, params, batch_stats, records, x_B, *, T: int, step_mode: str):
     """Rate-BP step 2: one differentiable pass on the time-mean input. Returns logits."""
     model = net.merge(params, batch_stats, records)
-    return model(x_B, Ctx("rate", step_mode, T))
+    return logits_of(model, x_B, Ctx("rate", step_mode, T))
 
 
 def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str = "exact",
@@ -322,18 +333,32 @@ def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_
     time: in single step mode from ``traces_in`` (keyed by layer path and call number, or
     None for zeros), in multi step mode along the folded time axis. A layer fed the raw
     network input ``x_in`` itself keeps its instantaneous input unless ``input_trace`` (the
-    official code's OTTTSequential only wraps layers fed by [spike, trace] pairs).
+    official code's OTTTSequential only wraps layers fed by [spike, trace] pairs). Such a
+    layer is recognised by identity: its op receives ``x_in``, or, when the layer computes
+    in another dtype, the very array its ``promote_dtype`` cast ``x_in`` to.
+
+    The trace runs in float32 (a running sum over T, like a membrane; see
+    ``layers.at_least_float32``) and is cast to the layer's compute dtype where it is used.
 
     Returns the dict the hooks fill with each layer's new trace (empty in multi mode), and
     a list the hooks append the paths of layers fed ``x_in`` to.
     """
     traces_out, calls, input_layers = {}, {}, []
+    fed_input = [x_in]  # x_in and its casts to the layers' compute dtypes
+
+    def remember_casts(promote):
+        def promote_recording(arrays, **kwargs):
+            promoted = promote(arrays, **kwargs)
+            if any(arrays[0] is x for x in fed_input):
+                fed_input.append(promoted[0])
+            return promoted
+        return promote_recording
 
     def hook(op, path):
         def traced(x, w, *args, **kwargs):
             n = calls[path] = calls.get(path, -1) + 1
             key = f"{path}#{n}"
-            a = jax.lax.stop_gradient(x)
+            a = at_least_float32(jax.lax.stop_gradient(x))
             if ctx.step_mode == "single":
                 prev = None if traces_in is None else traces_in[key]
                 a_hat = a if prev is None else lam * prev + a
@@ -343,15 +368,18 @@ def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_
                 _, a_hat = jax.lax.scan(lambda c, a_t: (lam * c + a_t,) * 2,
                                         jnp.zeros_like(a_T[0]), a_T)
                 a_hat = a_hat.reshape(a.shape)
-            if x is x_in:
+            if any(x is x_fed for x_fed in fed_input):
                 input_layers.append(path)
                 if not input_trace:
                     a_hat = a
-            return _weight_grad_at(lambda x_, w_: op(x_, w_, *args, **kwargs))(x, w, a_hat)
+            return _weight_grad_at(lambda x_, w_: op(x_, w_, *args, **kwargs))(
+                x, w, a_hat.astype(x.dtype))
         return traced
 
     for path, module in nnx.iter_modules(model):
         name = "/".join(map(str, path))
+        if isinstance(module, (nnx.Conv, nnx.Linear)):
+            module.promote_dtype = remember_casts(module.promote_dtype)
         if isinstance(module, nnx.Conv):
             module.conv_general_dilated = hook(module.conv_general_dilated, name)
         elif isinstance(module, nnx.Linear):
@@ -374,7 +402,7 @@ def _spatial_method(net: Network, *, T: int, step_mode: str, K, seed: int, trace
             traces_out, input_layers = _install_trace_hooks(
                 model, x_in=x, traces_in=traces_in, ctx=ctx,
                 lam=_trace_decay(model, trace_decay), input_trace=input_trace)
-        logits = model(x, ctx)
+        logits = logits_of(model, x, ctx)
         if traces and not input_trace and not input_layers:
             # The input-layer rule recognises the network input by identity; a model that
             # reshapes or pools it before its first weight layer would silently get the

@@ -84,6 +84,7 @@ def validate_config(config, *, devices: bool = True) -> None:
             raise ValueError(f"{field}={config[field]!r}: must be a path (a string)")
     _allowed("dataset", config.dataset, list(data.LOADERS))
     _allowed("model", config.model, list(models.MODELS))
+    _allowed("compute_dtype", config.compute_dtype, models.COMPUTE_DTYPES)
     _allowed("method", config.method, list(methods.METHODS))
     _allowed("step_mode", config.step_mode, STEP_MODES)
     _allowed("rate_grad_scale", config.rate_grad_scale, methods.RATE_GRAD_SCALES)
@@ -93,7 +94,7 @@ def validate_config(config, *, devices: bool = True) -> None:
                   "log_every_steps"):
         _integer(config, field, 1)
     for field in ("num_train_steps", "checkpoint_every_steps", "num_classes", "image_size",
-                  "seed", "augment_crop_padding"):
+                  "seed", "augment_crop_padding", "data_workers"):
         _integer(config, field, 0)
     for field in ("augment", "augment_flip", "progress_bar", "plots"):
         _boolean(config, field)
@@ -234,7 +235,7 @@ def create_model(config, image_shape, num_classes) -> nnx.Module:
     return models.create_model(
         config.model, num_classes=config.num_classes or num_classes,
         in_channels=image_shape[-1], image_size=image_shape[0],
-        neuron=neuron_config(config), seed=config.seed)
+        neuron=neuron_config(config), seed=config.seed, compute_dtype=config.compute_dtype)
 
 
 def create_state(config, image_shape, num_classes, tx, model=None):
@@ -362,6 +363,13 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     wall_before = history[-1]["wall_s"] if history else 0.0
     stop = _StopRequest(log)
     interrupted = False
+    # One iterator over all remaining steps, across epochs. Its whole state is the next step
+    # (each batch is a pure function of its step), which the checkpoint holds as "step".
+    batches = data.train_iterator(
+        dataset, batch_size=config.batch_size, seed=config.seed, total_steps=total_steps,
+        start_step=step, process_index=jax.process_index(),
+        process_count=jax.process_count(), workers=config.data_workers)
+    device_batches = on_device(batches, shard)
     try:
         while step < total_steps and not interrupted:
             epoch = step // steps_per_epoch
@@ -369,13 +377,9 @@ def train_and_evaluate(config, workdir: str, *, log=print,
             start_in_epoch = step - epoch * steps_per_epoch
             if start_in_epoch == 0:
                 state = {**state, "epoch_sums": jax.device_put(zero_sums(), replicated)}
-            batches = data.prefetch(dataset.train_batches(
-                epoch=epoch, batch_size=config.batch_size, seed=config.seed,
-                start_step=start_in_epoch, process_index=jax.process_index(),
-                process_count=jax.process_count()))
             bar = _progress(config, epoch, num_epochs, start_in_epoch, epoch_steps)
             t_epoch, images_seen, pending = time.time(), 0, []
-            for _, batch in zip(range(start_in_epoch, epoch_steps), on_device(batches, shard)):
+            for _, batch in zip(range(start_in_epoch, epoch_steps), device_batches):
                 state, metrics = train_step(state, batch)
                 pending.append((step, metrics))
                 step += 1
@@ -424,6 +428,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
                 best_manager.save(step, args=ocp.args.StandardSave(state), force=True)
             latest.save(step, args=ocp.args.StandardSave(state), force=True)
     finally:
+        batches.close()  # stops the data workers
         # Let a pending async save finish even when a step raised: it is the last good one.
         latest.wait_until_finished()
         best_manager.wait_until_finished()

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "log_every_steps",
                 "plots",
                 "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size", "nan_policy",
-                "data_dir")
+                "data_dir", "data_workers")
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"

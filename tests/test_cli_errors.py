@@ -26,10 +26,13 @@ import benchmark  # noqa: E402
 import check_reference  # noqa: E402
 import cli_errors  # noqa: E402
 import compare_gradients  # noqa: E402
+import device_report  # noqa: E402
+import loop_overhead  # noqa: E402
 import pipeline_throughput  # noqa: E402
 
 SCRIPTS = {m.__name__: m for m in (accuracy_benchmark, benchmark, check_reference,
-                                   compare_gradients, pipeline_throughput)}
+                                   compare_gradients, device_report, loop_overhead,
+                                   pipeline_throughput)}
 
 # A valid import_reference command line (see `inputs`); each case appends one bad flag.
 IMPORT = ["--state-dict", "{tmp}/in/good.npz", "--workdir", "{tmp}/out/run", "--model",
@@ -55,6 +58,7 @@ CASES = [
     ("compare_gradients", ["--step-modes", "both"], "--step-modes='both'"),
     ("compare_gradients", ["--reset", "soft-ish"], "--reset='soft-ish'"),
     ("compare_gradients", ["--rate-grad-scale", "half"], "--rate-grad-scale='half'"),
+    ("compare_gradients", ["--dtype", "float16"], "--dtype='float16': allowed values are"),
     ("compare_gradients", ["--input-scale", "nan"], "--input-scale=nan"),
     ("compare_gradients", ["--input-scale", "0"], "--input-scale=0.0: must be a finite number > 0"),
     ("compare_gradients", ["--input-scale", "inf"], "--input-scale=inf"),
@@ -70,6 +74,7 @@ CASES = [
     ("benchmark", ["--T", "0"], "--T=0"),
     ("benchmark", ["--methods", "adam"], "--methods='adam'"),
     ("benchmark", ["--step-modes", "scan"], "--step-modes='scan'"),
+    ("benchmark", ["--dtype", "bf16"], ("--dtype='bf16'", "did you mean 'bfloat16'")),
     ("benchmark", ["--repeats", "-1"], "--repeats=-1: must be an integer >= 0"),
     ("benchmark", ["--breakdown", "--methods", "bptt"], "--breakdown"),
     ("benchmark", ["--breakdown=yes"], "--breakdown"),
@@ -78,6 +83,7 @@ CASES = [
     ("benchmark", ["--plot", "{tmp}/b.xyz"], ("--plot=", "unknown image format")),
     ("accuracy_benchmark", ["--methods", "sgd"], "--methods='sgd'"),
     ("accuracy_benchmark", ["--step-modes", "both"], "--step-modes='both'"),
+    ("accuracy_benchmark", ["--dtypes", "float32", "half"], "--dtypes='half'"),
     ("accuracy_benchmark", ["--seeds", "0", "-1"], "--seeds=-1"),
     ("accuracy_benchmark", ["--seeds", str(2**32)], f"--seeds={2**32}"),
     ("accuracy_benchmark", ["--num-epochs", "0"], "--num-epochs=0"),
@@ -97,6 +103,21 @@ CASES = [
     ("pipeline_throughput", ["--images", "10", "--batch", "20"], "--images=10: must be an "
                                                                  "integer >= --batch (20)"),
     ("pipeline_throughput", ["--images", "many"], "--images"),
+    ("pipeline_throughput", ["--workers", "0", "-1"], "--workers=-1: must be an integer >= 0"),
+    ("pipeline_throughput", ["--workers", "two"], "--workers"),
+    ("pipeline_throughput", ["--workers"], "--workers"),
+    ("pipeline_throughput", ["--json", "{tmp}"], ("--json=", "is a directory")),
+    ("pipeline_throughput", ["--json", "{tmp}/missing/p.json"], ("--json=", "does not exist")),
+    ("loop_overhead", ["--model", "vgg_tnyi"], ("--model='vgg_tnyi'", "did you mean")),
+    ("loop_overhead", ["--epochs", "1"], "--epochs=1: must be an integer >= 2"),
+    ("loop_overhead", ["--examples", "10"], "--examples=10: must be an integer >= 64"),
+    ("loop_overhead", ["--json", "{tmp}"], ("--json=", "is a directory")),
+    ("device_report", [], "BENCH_JSON"),
+    ("device_report", ["a.json", "--batch", "0"], "--batch=0: must be an integer >= 1"),
+    ("device_report", ["a.json"], "--batch"),
+    ("device_report", ["a.txt", "--batch", "4"], "BENCH_JSON='a.txt'"),
+    ("device_report", ["a.json", "--batch", "4", "--json", "{tmp}/missing/d.json"],
+     ("--json=", "does not exist")),
     ("import_reference", [], "--state-dict, --workdir: required"),
     ("import_reference", ["--state-dict", "{tmp}/in/good.npz"], "--workdir: required"),
     ("import_reference", imp("--model=vgg_tiyn"), ("--model='vgg_tiyn'",

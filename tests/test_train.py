@@ -74,11 +74,14 @@ def _final_params(workdir):
     return restored["params"], int(restored["step"])
 
 
-@pytest.mark.parametrize("method", ["rate", "bptt"])
-def test_interrupted_run_resumes_to_identical_parameters(tmp_path, method):
+@pytest.mark.parametrize("method,workers", [("rate", 0), ("bptt", 0), ("rate", 2)])
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, method, workers):
+    """With or without data worker processes (grain), and compared with a run that used
+    none: the batches are a function of the step only."""
     config = tiny_config(method=method, num_train_steps=7, checkpoint_every_steps=0)
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     train.train_and_evaluate(config, full, log=lambda *_: None)
+    config.data_workers = workers
     first = train.train_and_evaluate(config, resumed, log=lambda *_: None, interrupt_at_step=3)
     assert first["interrupted"] and not os.path.exists(os.path.join(resumed, "summary.json"))
     logs = []

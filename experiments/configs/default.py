@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment = True
     c.augment_flip = False  # npz only: random horizontal flip (when augment is true)
     c.augment_crop_padding = 0  # npz only: random crop after zero padding by this many pixels
+    c.data_workers = 0  # grain worker processes preparing batches; 0: one thread in-process
 
     # ---- model and neurons
     c.model = "vgg_small"  # a name from ratebp_jax.models.MODELS
@@ -34,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.v_reset = 0.0  # membrane after a hard reset
     c.surrogate = "sigmoid"  # sigmoid | atan | triangle | rectangle
     c.surrogate_alpha = 4.0  # surrogate sharpness
+    c.compute_dtype = "float32"  # float32 | bfloat16: the dtype convolutions and dense layers compute in
 
     # ---- gradient method
     c.method = "rate"  # rate | bptt (see ratebp_jax.methods.METHODS)

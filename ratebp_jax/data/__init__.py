@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 from ratebp_jax.data import arrays, events, tfds_datasets
-from ratebp_jax.data.pipeline import Dataset, prefetch
+from ratebp_jax.data.pipeline import (DataWorkerError, Dataset, TrainIterator, prefetch,
+                                      train_iterator)
 
 # tensorflow-datasets and tonic are imported inside their loaders, so the default path
 # (digits) imports neither.
@@ -36,4 +37,5 @@ def load_dataset(config) -> Dataset:
     return LOADERS[config.dataset](config)
 
 
-__all__ = ["Dataset", "LOADERS", "load_dataset", "prefetch"]
+__all__ = ["DataWorkerError", "Dataset", "LOADERS", "TrainIterator", "load_dataset",
+           "prefetch", "train_iterator"]

@@ -3,19 +3,30 @@
 A source is anything with ``len()`` and fancy indexing that returns ``(images, labels)``:
 in-memory NumPy arrays (digits, npz, CIFAR) or a ``tfds.data_source`` (ImageNet). The
 training order of epoch ``e`` is a permutation drawn from ``(seed, e)``, and the
-augmentation of step ``s`` from ``(seed, s)``, so a resumed run sees exactly the batches an
-uninterrupted run would. On several hosts each process reads only its own slice of every
-global batch. Batches are prepared on a background thread so that the host overlaps the
-next batch with the device's current step.
+augmentation of its step ``i`` from ``(seed, e, i)``, so a resumed run sees exactly the
+batches an uninterrupted run would. On several hosts each process reads only its own slice
+of every global batch.
+
+``train_iterator`` is what the trainer reads: the batches of global steps ``start_step ..
+total_steps - 1``, prepared ahead by grain, on a background thread (``workers=0``) or in
+worker processes (``workers >= 1``; the augmentations hold the GIL, so threads do not
+scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one step of
+``Dataset.train_batches``), so the result does not depend on the number of workers and the
+step alone is the iterator's whole state.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
+import signal
 import threading
 from typing import Callable, Iterator
 
+import grain
 import numpy as np
+from absl import flags
+from grain._src.python.dataset.transformations import process_prefetch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +76,7 @@ class Dataset:
         stream is seeded by its index as well.
         """
         steps = self.steps_per_epoch(batch_size)
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.train))
+        order = _epoch_order(len(self.train), seed, epoch)
         for i in range(start_step, steps):
             idx = _local(np.sort(order[i * batch_size:(i + 1) * batch_size]),
                          process_index, process_count)
@@ -88,14 +99,211 @@ class Dataset:
                    "mask": (positions < n).astype(np.float32)}
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of ``epoch``: a permutation of ``range(n)`` drawn from
+    ``(seed, epoch)``. Cached (read-only) because :func:`train_batch` asks for it once per
+    step, and drawing it costs O(n) (tens of ms for ImageNet's 1.28M examples)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.setflags(write=False)
+    return order
+
+
 def _local(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     """This process's contiguous part of a global batch's indices."""
     per = len(indices) // process_count
     return indices[process_index * per:(process_index + 1) * per]
 
 
+def train_batch(dataset: Dataset, step: int, *, batch_size: int, seed: int,
+                process_index: int = 0, process_count: int = 1) -> dict:
+    """The batch of global step ``step`` (epoch ``step // steps_per_epoch``): the first batch
+    ``Dataset.train_batches`` yields from there, so that ``train_batches`` stays the one
+    definition of every batch. Pure, so grain may compute any step in any process."""
+    epoch, i = divmod(step, dataset.steps_per_epoch(batch_size))
+    return next(dataset.train_batches(epoch=epoch, batch_size=batch_size, seed=seed,
+                                      start_step=i, process_index=process_index,
+                                      process_count=process_count))
+
+
+# Batches each worker (or, with workers=0, the background thread) holds ready: enough to hide
+# one slow batch, few enough that ImageNet batches (150 MB as float32) fit in memory. A worker
+# also has one in progress, so W workers hold about 3 W batches.
+AHEAD = 2
+
+
+class DataWorkerError(RuntimeError):
+    """A data worker process died (killed, out of memory, or ``os._exit`` in a transform)."""
+
+
+# How grain 0.2.18 words a dead worker (ProcessPrefetchDatasetIterator.__next__); a test
+# kills a worker, so a grain upgrade that rewords it fails there rather than going unnoticed.
+_GRAIN_WORKER_DIED = "Worker process was terminated unexpectedly"
+
+
+def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps: int,
+                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                   workers: int = 0) -> "TrainIterator":
+    """The batches of global steps ``start_step .. total_steps - 1``, across epochs, each
+    exactly as :func:`train_batch` (and so ``Dataset.train_batches``) defines it, whatever
+    ``workers`` is. ``workers=0`` prepares them on one background thread in this process;
+    ``workers >= 1`` in that many grain worker processes. Close it (or use ``with``) to stop
+    the workers; ``get_state()`` / ``set_state()`` checkpoint and restore its position."""
+    for name, value, low in (("batch_size", batch_size, 1), ("total_steps", total_steps, 0),
+                             ("start_step", start_step, 0), ("workers", workers, 0)):
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+    if start_step > total_steps:
+        raise ValueError(f"start_step={start_step}: must be <= total_steps ({total_steps})")
+    if dataset.steps_per_epoch(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size}: must be <= the {len(dataset.train)} "
+                         "training examples")
+    batch_at = functools.partial(train_batch, dataset, batch_size=batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count)
+    iterator = TrainIterator(batch_at, int(total_steps), int(workers))
+    iterator.set_state({"step": int(start_step)})
+    return iterator
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool (steps often come from arrays or JSON)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class TrainIterator:
+    """Training batches by global step, through grain (see :func:`train_iterator`).
+
+    Its state is ``{"step": next step}``: JSON-serialisable, a few bytes, and valid for any
+    number of workers, because each batch is a pure function of its step. grain's own
+    iterator state would work too, but it describes grain's per-worker interleaving, so it
+    could not be restored with a different ``workers`` (such as 0, to debug). ``set_state``
+    restarts grain from that step (worker processes start again on the next batch).
+
+    Hand-written around grain only to add what grain lacks: that state, and a
+    :class:`DataWorkerError` that says what to do when a worker dies.
+    """
+
+    def __init__(self, batch_at: Callable[[int], dict], total_steps: int, workers: int):
+        self._batch_at, self._total_steps, self._workers = batch_at, total_steps, workers
+        self._step, self._grain = 0, None
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict:
+        if self._step >= self._total_steps:
+            self.close()
+            raise StopIteration
+        if self._grain is None:
+            self._grain = iter(_grain_steps(self._batch_at, self._step, self._total_steps,
+                                            self._workers))
+        try:
+            batch = next(self._grain)
+        except Exception as e:
+            self.close()  # a later next() starts again from the step that failed
+            if isinstance(e, RuntimeError) and str(e).startswith(_GRAIN_WORKER_DIED):
+                raise DataWorkerError(
+                    f"a data worker process died while preparing the batches from step "
+                    f"{self._step} on ({e}). Exit code -9 (SIGKILL) is often the "
+                    "out-of-memory killer: use fewer workers or smaller batches. To see the "
+                    "failing transform's own error, rerun with data_workers=0 (train_iterator("
+                    "workers=0)), which prepares the batches in this process") from e
+            raise
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        """``{"step": s}``: the next batch is step ``s``'s."""
+        return {"step": self._step}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from ``state["step"]`` (a ``get_state()`` of any such iterator)."""
+        step = state["step"]
+        if not _is_int(step) or not 0 <= step <= self._total_steps:
+            raise ValueError(f"state step={step!r}: must be an integer in [0, "
+                             f"{self._total_steps}]")
+        self.close()
+        self._step = int(step)
+
+    def close(self) -> None:
+        """Stop grain's thread or worker processes (a later ``next()`` starts them again)."""
+        if self._grain is not None:
+            grain_iterator, self._grain = self._grain, None
+            grain_iterator.close()
+
+    def __enter__(self) -> TrainIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _grain_steps(batch_at: Callable[[int], dict], start: int, stop: int,
+                 workers: int) -> grain.IterDataset:
+    """grain's dataset of ``batch_at(s)`` for ``s`` in ``[start, stop)``, in order.
+
+    ``mp_prefetch`` gives worker ``w`` of ``W`` the steps ``start + w, start + w + W, ...``
+    and reads the workers round-robin, so the order is the steps' whatever ``W`` is.
+    """
+    steps = grain.MapDataset.range(start, stop).map(batch_at)
+    if workers == 0:
+        return steps.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                       prefetch_buffer_size=AHEAD))
+    _prepare_grain_workers()
+    # Inside a worker no threads: its process loop computes one batch at a time into a queue
+    # of AHEAD - 1, and grain's reader thread for it in this process holds one more.
+    return steps.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)) \
+        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                  per_worker_buffer_size=AHEAD - 1),
+                     worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """In each worker: ignore Ctrl-C and SIGTERM. A terminal's Ctrl-C and many schedulers'
+    preemption SIGTERM reach the whole process group; the trainer answers them by finishing
+    its step and checkpointing, which needs the workers alive. The trainer stops them."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _prepare_grain_workers() -> None:
+    """Work around two gaps of grain 0.2.18's worker processes.
+
+    1. Starting a worker reads the absl flag ``--grain_enable_multiprocess_worker_profiling``,
+       which raises ``UnparsedFlagAccessError`` in a program that never parsed absl flags
+       (pytest, argparse scripts). Marking them parsed gives every flag its default; a later
+       ``absl.app.run`` still parses its command line as usual.
+    2. A worker that exits with status 0 would leave the consumer waiting forever: see
+       :func:`_worker_failed`, which replaces grain's check (a test covers it, so a grain
+       upgrade that renames the method fails there).
+    """
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    process_prefetch.ProcessPrefetchDatasetIterator._process_failed = _worker_failed
+
+
+def _worker_failed(self) -> bool:
+    """Whether the worker of grain's ``ProcessPrefetchDatasetIterator`` ``self`` died.
+
+    grain asks this when the worker's queue stays empty for a second, and by itself counts a
+    non-zero exit status only: a worker that exits with status 0 (``os._exit(0)`` or
+    ``sys.exit()`` in a transform, a native library's ``exit(0)``) hangs the consumer. A
+    worker never exits on its own while it is being read (after its last batch it idles
+    until stopped, and an error it sends first stays in its queue), so any exit with nothing
+    left in its queue is a death; grain then raises its usual error.
+    """
+    process = self._prefetch_process
+    if process is None or process.exitcode is None:
+        return False
+    return process.exitcode != 0 or self._buffer.empty()
+
+
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-    """Run ``iterator`` on a background thread, ``size`` items ahead."""
+    """Run ``iterator`` on a background thread, ``size`` items ahead.
+
+    Superseded by :func:`train_iterator` (grain); kept until the trainer reads that instead.
+    Hand-written because grain prefetches its own datasets, not an arbitrary iterator."""
     q: queue.Queue = queue.Queue(maxsize=size)
     done = object()
 
