@@ -68,6 +68,15 @@ def test_without_workers_it_is_train_batches_across_epochs():
     assert_same(got, old_definition(ds, 0, total))
     assert got[0]["image"].dtype == np.float32 and got[0]["label"].dtype == np.int32
     assert it.get_state() == {"step": total}
+    # ... which still draws what it drew before it cached each epoch's order
+    for step, batch in enumerate(got):
+        epoch, i = divmod(step, STEPS_PER_EPOCH)
+        order = np.random.default_rng([SEED, epoch]).permutation(200)
+        idx = np.sort(order[i * BATCH:(i + 1) * BATCH])
+        np.testing.assert_array_equal(batch["label"], ds.train.labels[idx])
+        np.testing.assert_array_equal(
+            batch["image"], TRANSFORM(ds.train.images[idx],
+                                      np.random.default_rng([SEED, epoch, i, 1])))
 
 
 def test_start_step_and_set_state_resume_exactly():
