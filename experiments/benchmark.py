@@ -58,10 +58,7 @@ def parse_args(argv=None):
 def validate(args):
     """Every flag, before anything is compiled or written; a bad one raises UsageError
     naming the flag, the value and what is allowed."""
-    if args.model not in models.MODELS:
-        raise cli_errors.UsageError(
-            f"--model={args.model!r}: allowed values are {', '.join(models.MODELS)}"
-            f"{cli_errors.closest(args.model, models.MODELS)}")
+    cli_errors.check_choices("--model", [args.model], models.MODELS)
     for flag in ("--batch", "--image-size", "--num-classes"):
         cli_errors.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
     for T in args.T:

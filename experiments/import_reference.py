@@ -38,10 +38,8 @@ flags.DEFINE_integer("image-size", 32, "Input size (sets the VGG classifier widt
 def check_flags() -> None:
     """The plain flags, before anything is loaded."""
     from ratebp_jax import models
-    if FLAGS.model is not None and FLAGS.model not in models.MODELS:
-        raise cli_errors.UsageError(
-            f"--model={FLAGS.model!r}: allowed values are {', '.join(models.MODELS)}"
-            f"{cli_errors.closest(FLAGS.model, models.MODELS)}")
+    if FLAGS.model is not None:
+        cli_errors.check_choices("--model", [FLAGS.model], models.MODELS)
     for name in ("num-classes", "in-channels", "image-size"):
         cli_errors.check_int(f"--{name}", FLAGS[name].value)
 
