@@ -91,8 +91,7 @@ def at_least_float32(x):
     and the rate-pass records are running means over T that would lose precision the same
     way. BatchNorm's statistics are means over T*B*H*W values, and its normalisation
     divides by a standard deviation that small rounding of ``var`` moves. Spikes (0 or 1)
-    are exact in bfloat16, so casting a LIF's output back to bfloat16 at the next
-    convolution's input loses nothing.
+    are exact in bfloat16, so a LIF returning them in bfloat16 loses nothing.
     """
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 

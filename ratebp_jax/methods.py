@@ -349,7 +349,7 @@ def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_
     def remember_casts(promote):
         def promote_recording(arrays, **kwargs):
             promoted = promote(arrays, **kwargs)
-            if any(arrays[0] is x for x in fed_input):
+            if promoted[0] is not arrays[0] and any(arrays[0] is x for x in fed_input):
                 fed_input.append(promoted[0])
             return promoted
         return promote_recording
