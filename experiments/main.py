@@ -3,6 +3,12 @@
     python experiments/main.py                                    # the embedded default
     python experiments/main.py --config experiments/configs/cifar10_resnet18.py \
         --workdir runs/c10 --config.method=bptt --config.T=2
+    python path/to/experiments/main.py --config.model=mypkg.mymodel:Net   # your own model
+
+``--config.model`` is a zoo name or the import path ``package.module:Factory`` of one's own
+model (README "Your own model", docs/DESIGN.md section 4); the working directory is added to
+the import path (after the installed packages), so run from the folder that holds ``mypkg/``
+or put that folder on PYTHONPATH.
 
 ``--config`` is a Python file with ``get_config()`` (default: configs/default.py); any field
 can be overridden with ``--config.FIELD=VALUE``. The default workdir is
@@ -18,6 +24,7 @@ collectives use gloo.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -45,6 +52,16 @@ FLAGS = flags.FLAGS
 def default_workdir(config) -> str:
     """Runs that differ in method, step mode or T get their own directory by default."""
     return os.path.join("runs", f"{config.name}-{config.method}-{config.step_mode}-T{config.T}")
+
+
+def add_working_directory_to_path():
+    """Make ``--config.model=mypkg.mymodel:Net`` importable from the working directory.
+
+    ``python experiments/main.py`` puts experiments/ on ``sys.path``, not the working
+    directory. It goes last, so a folder there never shadows an installed package."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
 
 
 def check_distributed_flags():
@@ -82,6 +99,7 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config)
     from ratebp_jax import train, workdir as wd
+    add_working_directory_to_path()
     # Everything that needs no devices is checked before a distributed start, which waits
     # for the other processes.
     train.validate_config(config, devices=False)

@@ -83,7 +83,7 @@ def validate_config(config, *, devices: bool = True) -> None:
         if not isinstance(config[field], str):
             raise ValueError(f"{field}={config[field]!r}: must be a path (a string)")
     _allowed("dataset", config.dataset, list(data.LOADERS))
-    _allowed("model", config.model, list(models.MODELS))
+    models.resolve(config.model)  # a zoo name, or package.module:Factory (imported here)
     _allowed("compute_dtype", config.compute_dtype, models.COMPUTE_DTYPES)
     _allowed("method", config.method, list(methods.METHODS))
     _allowed("step_mode", config.step_mode, STEP_MODES)

@@ -1,21 +1,31 @@
-"""The spiking model zoo, resolved by name.
+"""The spiking model zoo, and the researcher's own models, resolved by name.
 
-Every constructor takes ``num_classes``, ``in_channels``, ``image_size``, ``neuron`` (a
+Every constructor (a *factory*) takes the keyword arguments :data:`FACTORY_KWARGS`:
+``num_classes``, ``in_channels``, ``image_size``, ``neuron`` (a
 :class:`~ratebp_jax.neurons.NeuronConfig`) and ``rngs``, and returns an NNX module whose
 ``__call__(x_NxHxWxC, ctx)`` gives logits ``[N, K]``. ``*_tiny`` variants keep each
 family's structure at widths 4 to 16 for tests. ``compute_dtype`` (:data:`COMPUTE_DTYPES`)
 is the dtype convolutions and dense layers compute in; see :func:`set_compute_dtype`.
+``pool_ties`` (``layers.POOL_TIES``) is the gradient rule of a max-pooling window with
+several maxima; see :func:`set_pool_ties`.
+
+A model outside the zoo is named by its import path, ``"package.module:Factory"``
+(:func:`resolve`; this is what ``--config.model`` of ``experiments/main.py`` takes), or
+registered under a name of its own with :func:`register` (from a notebook). Its layers must
+follow the layer contract of ``docs/DESIGN.md`` section 4.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ratebp_jax.layers import LIF
+from ratebp_jax.layers import DEFAULT_POOL_TIES, LIF, MaxPool, check_pool_ties
 from ratebp_jax.models import preact_resnet, resnet, sew_resnet, vgg
 from ratebp_jax.neurons import NeuronConfig
 
@@ -49,26 +59,108 @@ TINY = {
 }
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+FACTORY_KWARGS = ("num_classes", "in_channels", "image_size", "neuron", "rngs")
+ZOO = frozenset(MODELS)  # the built-in names, which register() never replaces
+
+
+def register(name: str, factory: Callable[..., nnx.Module]) -> None:
+    """Make ``factory`` (see :data:`FACTORY_KWARGS`) model ``name`` in this process, for
+    :func:`create_model` and a config's ``model`` field, e.g. in a notebook.
+
+    Registering a name again replaces its factory, so a notebook cell can be rerun; the
+    zoo's names cannot be replaced. The registry lives in this process only: for
+    ``experiments/main.py`` name the model by its import path instead (:func:`resolve`).
+    """
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"name={name!r}: must be a non-empty name without ':' (a ':' marks "
+                         f"an import path, package.module:Factory)")
+    if name in ZOO:
+        raise ValueError(f"name={name!r}: is a zoo model; choose another name")
+    _check_factory(name, factory)
+    MODELS[name] = factory
+
+
+def resolve(name: str) -> Callable[..., nnx.Module]:
+    """The factory of model ``name``: a key of MODELS (the zoo and registered models), or
+    an import path ``"package.module:Factory"``, which imports ``package.module`` and takes
+    its attribute ``Factory`` (a class or function).
+
+    Raises ValueError (TypeError for an attribute that is not callable) naming
+    ``model=...`` and what is allowed when the name is unknown, the module cannot be
+    imported, the attribute is missing or not callable, or it does not take the keyword
+    arguments :data:`FACTORY_KWARGS`.
+    """
+    if not isinstance(name, str) or ":" not in name:
+        if name not in MODELS:
+            raise ValueError(f"model={name!r}: allowed values are {', '.join(MODELS)}, or "
+                             f"an import path package.module:Factory")
+        return MODELS[name]
+    module_name, _, attribute = name.partition(":")
+    if not all(part.isidentifier() for part in module_name.split(".") + [attribute]):
+        raise ValueError(f"model={name!r}: an import path must be package.module:Factory "
+                         f"(dotted Python names, not a file path)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        # Only a missing module of the path itself is a search-path problem; an import
+        # that fails inside the module (a missing dependency) says so in its own message.
+        where = ("; run from the folder that holds it, or put that folder on PYTHONPATH"
+                 if isinstance(e, ModuleNotFoundError) and e.name
+                 and (module_name + ".").startswith(e.name + ".") else "")
+        raise ValueError(f"model={name!r}: cannot import module {module_name!r} ({e}){where}"
+                         ) from e
+    if not hasattr(module, attribute):
+        raise ValueError(f"model={name!r}: module {module_name!r} has no attribute "
+                         f"{attribute!r}")
+    factory = getattr(module, attribute)
+    _check_factory(name, factory)
+    return factory
+
+
+def _check_factory(name: str, factory) -> None:
+    """A factory must be callable with the keyword arguments every model gets; checked on
+    its signature, so a mismatch is named before any run starts."""
+    expects = f"a class or function taking {', '.join(FACTORY_KWARGS)}"
+    if not callable(factory):
+        raise TypeError(f"model={name!r}: not callable (a {type(factory).__name__}); "
+                        f"expected {expects}")
+    # An NNX module class reports its metaclass's (*args, **kwargs): read __init__ instead,
+    # with None standing for self.
+    target, args = (factory.__init__, (None,)) if inspect.isclass(factory) else (factory, ())
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the call will tell
+        return
+    try:
+        signature.bind(*args, **dict.fromkeys(FACTORY_KWARGS))
+    except TypeError as e:
+        raise ValueError(f"model={name!r}: does not take the model keywords ({e}); "
+                         f"expected {expects}") from e
 
 
 def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
                  image_size: int = 32, neuron: NeuronConfig = NeuronConfig(),
-                 seed: int = 0, compute_dtype: str = "float32") -> nnx.Module:
-    """Build model ``name`` (one of MODELS) with weights drawn from ``seed``, its
-    convolutions and dense layers computing in ``compute_dtype`` (:func:`set_compute_dtype`).
+                 seed: int = 0, compute_dtype: str = "float32",
+                 pool_ties: str = DEFAULT_POOL_TIES) -> nnx.Module:
+    """Build model ``name`` (see :func:`resolve`) with weights drawn from ``seed``, its
+    convolutions and dense layers computing in ``compute_dtype`` (:func:`set_compute_dtype`)
+    and its max pooling breaking ties by ``pool_ties`` (:func:`set_pool_ties`).
 
     The weights are drawn with JAX's non-partitionable threefry: XLA:CPU compiles each
     initialiser's partitionable threefry in 3 to 10 s (0.4 to 0.8 s otherwise), so this
     one choice takes a tiny model's construction from about 15 s to 2 s. Parameters are
     created replicated, so the partitionable variant's sharding benefit does not apply.
     """
-    if name not in MODELS:
-        raise ValueError(f"model={name!r}: allowed values are {', '.join(MODELS)}")
+    factory = resolve(name)
     _check_compute_dtype(compute_dtype)
+    check_pool_ties(pool_ties)
     with jax.threefry_partitionable(False):
-        model = MODELS[name](num_classes=num_classes, in_channels=in_channels,
-                             image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed))
-    return set_compute_dtype(model, compute_dtype)
+        model = factory(num_classes=num_classes, in_channels=in_channels,
+                        image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed))
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model={name!r}: the factory returned a {type(model).__name__}, "
+                        f"not an nnx.Module")
+    return set_pool_ties(set_compute_dtype(model, compute_dtype), pool_ties)
 
 
 def set_compute_dtype(model: nnx.Module, compute_dtype: str) -> nnx.Module:
@@ -91,6 +183,16 @@ def set_compute_dtype(model: nnx.Module, compute_dtype: str) -> nnx.Module:
     dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
     model.set_attributes(nnx.Conv, nnx.Linear, dtype=dtype)
     model.set_attributes(LIF, spike_dtype=dtype)
+    return model
+
+
+def set_pool_ties(model: nnx.Module, pool_ties: str) -> nnx.Module:
+    """Make every ``layers.MaxPool`` of ``model`` break ties by ``pool_ties`` (one of
+    ``layers.POOL_TIES``: "split" shares a window's gradient equally among its tied
+    maxima, "first" gives it all to the first, as XLA and the reference code do), in place;
+    returns ``model``. The rule is static (part of the graph), so split the model after
+    setting it. Models without max pooling are unchanged."""
+    model.set_attributes(MaxPool, ties=check_pool_ties(pool_ties), raise_if_not_found=False)
     return model
 
 

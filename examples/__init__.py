@@ -1,0 +1,1 @@
+"""Example models of one's own, outside the zoo (see README "Your own model")."""
