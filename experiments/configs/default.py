@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_workers = 0  # grain worker processes preparing batches; 0: one thread in-process
 
     # ---- model and neurons
-    c.model = "vgg_small"  # a name from ratebp_jax.models.MODELS
+    c.model = "vgg_small"  # a name in ratebp_jax.models.MODELS, or your own: package.module:Factory
     c.lam = 0.2  # LIF leak, 1 - 1/tau, in [0, 1)
     c.thresh = 1.0  # firing threshold, > 0
     c.reset = "soft"  # soft | soft_nodetach | hard | hard_detach
