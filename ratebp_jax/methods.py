@@ -1,6 +1,6 @@
 """Gradient methods: pure, jittable functions built from one model definition.
 
-Every method made by :func:`make_grad_fn` has the contract (DESIGN.md section 2)::
+Every method made by :func:`make_grad_fn` has the contract (docs/DESIGN.md section 2.1)::
 
     grad_fn(params, batch_stats, batch) -> ((loss, aux), grads)
 

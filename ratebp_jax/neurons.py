@@ -1,6 +1,6 @@
 """LIF neurons, surrogate spike functions and eligibility recurrences, as pure functions.
 
-The neuron (DESIGN.md section 1) integrates ``v_t = lam * u_{t-1} + x_t``, spikes
+The neuron (docs/DESIGN.md section 1) integrates ``v_t = lam * u_{t-1} + x_t``, spikes
 ``s_t = H(v_t - thresh)`` on the pre-reset membrane ``v_t``, and resets to ``u_t``:
 soft ``u_t = v_t - thresh * s_t`` or hard ``u_t = v_t * (1 - s_t) + v_reset * s_t``.
 With ``detach_reset`` no gradient flows through the spike inside the reset term.
@@ -129,7 +129,7 @@ def reset_membrane(v, s, cfg: NeuronConfig):
 
 
 def reset_derivative(v, s, cfg: NeuronConfig):
-    """``d_t = du_t/dv_t`` along the differentiated graph (DESIGN.md section 2).
+    """``d_t = du_t/dv_t`` along the differentiated graph (docs/DESIGN.md section 2.2).
 
     soft+detach: 1; soft: 1 - thresh*sg; hard+detach: 1 - s; hard: (1 - s) + (v_reset - v)*sg.
     """

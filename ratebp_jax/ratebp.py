@@ -1,4 +1,4 @@
-"""Rate-pass primitives of rate-based backpropagation (DESIGN.md section 2, step 2).
+"""Rate-pass primitives of rate-based backpropagation (docs/DESIGN.md section 2.3).
 
 In the rate pass the network runs once on time-averaged inputs. A LIF layer's value is the
 firing rate recorded by the spike pass and its local Jacobian is the recorded eligibility;

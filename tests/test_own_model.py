@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from ratebp_jax import analysis, methods, models, neurons
@@ -33,6 +34,20 @@ def test_own_model_rate_gradient_equals_bptt_at_T1(step_mode, reset):
     assert comparison["cosine"] > 1 - 1e-6
     # Spikes happened and the convolution got gradient: the comparison means something.
     assert analysis.global_norm(grads["bptt"]["conv"]) > 1e-3
+
+
+@pytest.mark.parametrize("step_mode", ["multi", "single"])
+def test_own_model_rate_pass_logits_equal_spike_pass_time_mean_at_T4(step_mode):
+    """The check of docs/DESIGN.md section 4.3 at T > 1, where a non-linear layer after the
+    last LIF would show."""
+    model = models.create_model(EXAMPLE, num_classes=5, in_channels=1, image_size=8)
+    net, params, batch_stats = methods.split_model(model)
+    batch = analysis.random_batch(jax.random.key(1), 8, 8, 1, 5, scale=2.0)
+    logits_spike, new_stats, records = methods.spike_pass(
+        net, params, batch_stats, batch["image"], T=4, step_mode=step_mode)
+    logits_rate = methods.rate_pass(net, params, new_stats, records, batch["image"], T=4,
+                                    step_mode=step_mode)
+    np.testing.assert_allclose(logits_rate, logits_spike, rtol=1e-5, atol=1e-6)
 
 
 def test_main_trains_own_model_from_the_working_directory(tmp_path):
