@@ -20,6 +20,7 @@ the compute dtype (:class:`LIF`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -308,6 +309,93 @@ def adaptive_avg_pool(x_NxHxWxC, out_size: int):
     return pool_axis(pool_axis(x_NxHxWxC, 1), 2)
 
 
+# --------------------------------------------------------------------------- max pooling
+# Max pooling is not differentiable where a window holds several equal maxima, and in a
+# spiking network most windows do: spikes are 0 or 1 (a window of silent neurons ties all
+# its entries at 0) and rates are multiples of 1/T. Which subgradient such a window takes
+# is a choice, POOL_TIES:
+#
+# * "split": the window's gradient is shared equally among its tied maxima. This is the
+#   minimum-norm element of max's (Clarke) subdifferential, the average of the one-hot
+#   subgradients, and the rule of jax.numpy's own max (jnp.max splits ties alike). It
+#   prefers no position of the window.
+# * "first": the whole gradient goes to the first maximum in row-major window order. This
+#   is XLA's select-and-scatter (the gradient of lax.reduce_window max) and PyTorch's
+#   MaxPool2d, so it is the reference code's rule in its spike pass. Its rate pass breaks
+#   the same ties by rounding noise (its LIF value is ``r + x*e - (x*e)``, not exactly r);
+#   evaluated exactly (float64), its gradients equal ours under "first" to 6e-8
+#   (SEW-ResNet-34), so "first" is the rule for parity and the reproduction configs. It
+#   prefers the top-left neuron of every window.
+#
+# Padding is -inf: it is never a maximum and never receives gradient.
+POOL_TIES = ("split", "first")
+DEFAULT_POOL_TIES = "split"  # chosen by experiments/pool_ties.py (README, docs/RESULTS.md)
+
+
+def check_pool_ties(ties: str) -> str:
+    if ties not in POOL_TIES:
+        raise ValueError(f"pool_ties={ties!r}: allowed values are {', '.join(POOL_TIES)}")
+    return ties
+
+
+def max_pool(x_NxHxWxC, ties: str, *, window: int = 3, stride: int = 2, padding: int = 1):
+    """Max pooling over square ``window``s with ``stride`` and -inf ``padding`` on both
+    sides; returns ``[N, Ho, Wo, C]`` in the dtype of ``x``, ``Ho = (H + 2 padding -
+    window) // stride + 1``. ``ties`` (:data:`POOL_TIES`) is the gradient rule of a window
+    with several maxima; the value is the same under both rules."""
+    if check_pool_ties(ties) == "first":
+        return _reduce_max(x_NxHxWxC, window, stride, padding)
+    return _max_pool_split(x_NxHxWxC, window, stride, padding)
+
+
+def _reduce_max(x, window, stride, padding):
+    return nnx.max_pool(x, (window, window), strides=(stride, stride),
+                        padding=((padding, padding), (padding, padding)))
+
+
+def _windows(x_NxHxWxC, fill, window, stride, padding):
+    """``[window**2, N, Ho, Wo, C]``: entry ``k = window * di + dj`` holds, for every
+    output position, the element at offset ``(di, dj)`` of its window in ``x`` padded with
+    ``fill``. Linear in ``x``, so its transpose scatters window entries back onto ``x``."""
+    x = jnp.pad(x_NxHxWxC, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                constant_values=fill)
+    n, h, w, c = x.shape
+    ho, wo = (h - window) // stride + 1, (w - window) // stride + 1
+    return jnp.stack([
+        jax.lax.slice(x, (0, di, dj, 0), (n, di + (ho - 1) * stride + 1,
+                                          dj + (wo - 1) * stride + 1, c), (1, stride, stride, 1))
+        for di in range(window) for dj in range(window)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_split(x, window, stride, padding):
+    return _reduce_max(x, window, stride, padding)
+
+
+def _max_pool_split_fwd(x, window, stride, padding):
+    y = _reduce_max(x, window, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_split_bwd(window, stride, padding, residuals, g):
+    """Each window's cotangent divided by its number of tied maxima, added onto each of
+    them. Computed in float32 (or the wider dtype of ``x``) and rounded once: under mixed
+    precision ``x`` and ``g`` are bfloat16, where a third of a cotangent and the sum of
+    the up to four overlapping windows' shares would each round."""
+    x, y = residuals
+    x_wide = at_least_float32(x)
+    entries, scatter = jax.vjp(lambda x: _windows(x, -jnp.inf, window, stride, padding),
+                               x_wide)
+    inside = _windows(jnp.ones(x.shape, bool), False, window, stride, padding)
+    tied = (entries == at_least_float32(y)) & inside
+    share = at_least_float32(g) / jnp.maximum(tied.sum(0), 1)  # a NaN window has no maximum
+    g_x, = scatter(jnp.where(tied, share, 0).astype(x_wide.dtype))
+    return (g_x.astype(x.dtype),)
+
+
+_max_pool_split.defvjp(_max_pool_split_fwd, _max_pool_split_bwd)
+
+
 class MaxPool(nnx.Module):
     """The ImageNet stem's MaxPool2d(3, stride 2, padding 1), made rate-pass aware.
 
@@ -316,17 +404,21 @@ class MaxPool(nnx.Module):
     value (so everything downstream sees the true time means) and routes the gradient to
     each window's largest rate, as the reference does. The gradient is the approximation;
     the value is exact. The reference instead uses the max of rates as the value too.
+    ``ties`` (:data:`POOL_TIES`, set by ``models.create_model(pool_ties=...)``) is the
+    gradient rule of a window with several maxima, the same in every phase, so that at
+    T=1 rate-BP still equals BPTT.
 
     The record is float32; the rate pass returns the dtype of its input, as the spike pass
     does (bfloat16 spikes under mixed precision), so that both passes send the same dtypes
     downstream and their gradients are rounded alike.
     """
 
-    def __init__(self):
+    def __init__(self, ties: str = DEFAULT_POOL_TIES):
+        self.ties = check_pool_ties(ties)
         self.out_mean = Record(_placeholder())
 
     def __call__(self, x, ctx: Ctx):
-        y = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        y = max_pool(x, self.ties)
         if ctx.phase == "rate":
             return ratebp.straight_through(self.out_mean.get_value(), y).astype(y.dtype)
         if ctx.record:

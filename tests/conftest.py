@@ -12,12 +12,14 @@ IMAGE_SIZE = 8
 jax.config.update("jax_threefry_partitionable", False)
 
 
-def tiny_setup(name, *, reset="soft", batch=4, num_classes=5, seed=0, image_size=IMAGE_SIZE):
-    """A tiny model, split, and a random batch with inputs large enough to make spikes."""
+def tiny_setup(name, *, reset="soft", batch=4, num_classes=5, seed=0, image_size=IMAGE_SIZE,
+               **model_options):
+    """A tiny model, split, and a random batch with inputs large enough to make spikes.
+    ``model_options`` (e.g. ``pool_ties``) go to ``models.create_model``."""
     in_channels = 2 if name == "vggsnn_dvs" else 3
     model = models.create_model(name, num_classes=num_classes, in_channels=in_channels,
                                 image_size=image_size, neuron=neurons.NeuronConfig(reset=reset),
-                                seed=seed)
+                                seed=seed, **model_options)
     net, params, batch_stats = methods.split_model(model)
     key_x, key_y = jax.random.split(jax.random.key(seed + 1))
     batch_data = {

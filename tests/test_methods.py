@@ -30,6 +30,30 @@ def test_rate_gradient_equals_bptt_at_T1(tiny_name, reset, step_mode):
     assert float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(g_bptt)[0])) > 1e-3
 
 
+@pytest.mark.parametrize("step_mode", ["multi", "single"])
+@pytest.mark.parametrize("ties", layers.POOL_TIES)
+@pytest.mark.parametrize("name", ["sew_resnet_tiny", "preact_resnet_tiny"])
+def test_every_method_equals_bptt_at_T1_under_either_pool_tie_rule(name, ties, step_mode):
+    """The max-pool tie rule is the same in the spike pass (BPTT, SLTT, OTTT) and the rate
+    pass, so T=1 exactness holds under each rule. (SEW-ResNet pools spikes, so its windows
+    tie; PreAct-ResNet pools real-valued BN outputs, where the rules agree.)"""
+    net, params, stats, batch = tiny_setup(name, pool_ties=ties)
+    _, g_bptt = grads_of("bptt", net, params, stats, batch, T=1, step_mode=step_mode)
+    for method in ("rate", "sltt", "ottt"):
+        _, grads = grads_of(method, net, params, stats, batch, T=1, step_mode=step_mode)
+        assert rel_err(grads, g_bptt) <= 1e-5, method
+
+
+def test_pool_tie_rules_give_different_gradients_on_spikes():
+    """What makes the test above mean something for SEW-ResNet: its stem pools spikes, and
+    the two rules route those windows' gradients differently."""
+    g = {}
+    for ties in layers.POOL_TIES:
+        net, params, stats, batch = tiny_setup("sew_resnet_tiny", pool_ties=ties)
+        g[ties] = grads_of("bptt", net, params, stats, batch, T=1)[1]
+    assert rel_err(g["split"], g["first"]) > 1e-2
+
+
 def _readout(grads):
     """The final classifier's kernel gradient: ``fc`` in the ResNets, the last entry of
     ``classifier`` in the VGGs."""
