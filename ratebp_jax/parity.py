@@ -88,7 +88,7 @@ def run_reference_step(vec: dict, keys, dtype=np.float32):
     model = models.create_model(
         vec["arch"], num_classes=vec["num_classes"], in_channels=channels,
         image_size=vec["image_size"], neuron=neurons.NeuronConfig(
-            reset=NEURON_RESETS[vec["reset"]]))
+            reset=NEURON_RESETS[vec["reset"]]), pool_ties="first")  # the reference's rule
     interop.import_state_dict(model, state_dict)
     net, params, batch_stats = methods.split_model(model)
     batch = rebuild_batch(vec["seed"], vec["batch"], channels, vec["image_size"],

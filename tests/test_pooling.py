@@ -1,6 +1,11 @@
 """Max pooling's tie rules (layers.max_pool): the split rule's custom VJP against finite
 differences and against the rules written out by hand on tied windows, overlapping windows
 and padding, in float32 and bfloat16; and the rule's plumbing into models."""
+import importlib
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +14,9 @@ from flax import nnx
 from jax import enable_x64
 from jax.test_util import check_grads
 
-from ratebp_jax import layers, models
+from ratebp_jax import layers, models, parity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WINDOW, STRIDE, PADDING = 3, 2, 1  # the ImageNet stems' MaxPool2d(3, 2, 1)
 
@@ -136,3 +143,30 @@ def test_create_model_sets_the_rule_on_every_max_pool(ties):
     assert pools and all(p.ties == ties for p in pools)
     # Models without max pooling take the argument too.
     models.create_model("vgg_tiny", image_size=8, pool_ties=ties)
+
+
+class _Built(Exception):
+    """Stops parity's step once it has asked for its model."""
+
+
+def test_parity_and_reproduction_configs_use_the_reference_rule(monkeypatch):
+    """The reference pools spikes with PyTorch's rule, "first"; parity with it and the
+    configs reproducing the paper keep that rule, whatever the library default."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    for name in ("imagenet_sew_resnet34", "imagenet_preact_resnet34", "cifar10_resnet18",
+                 "cifar10dvs_vggsnn"):
+        assert importlib.import_module(f"configs.{name}").get_config().pool_ties == "first"
+    asked = {}
+
+    def create_model(name, **kwargs):
+        asked.update(kwargs)
+        raise _Built
+
+    monkeypatch.setattr(models, "create_model", create_model)
+    vectors = os.path.join(ROOT, "tests", "data", "reference_vectors")
+    with open(os.path.join(vectors, "vgg_tiny_multi_rate_T1_soft_seed0.json")) as f:
+        vec = json.load(f)
+    with pytest.raises(_Built):
+        parity.run_reference_step(vec, parity.read_keys(os.path.join(vectors,
+                                                                     "keys_vgg_tiny.txt")))
+    assert asked["pool_ties"] == "first"

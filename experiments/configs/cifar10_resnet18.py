@@ -17,6 +17,7 @@ def get_config():
     c.model = "resnet18"  # CIFAR stem, 11.2M parameters
     c.T = 4  # time steps (reference)
     c.rate_grad_scale = "reference"  # the reference multiplies rate gradients by 1/T
+    c.pool_ties = "first"  # the reference's max-pool tie rule (for a model with a max pool)
     c.learning_rate = 0.1  # reference
     c.batch_size = 128  # reference
     c.eval_batch_size = 500  # 10,000 test images in 20 batches

@@ -19,6 +19,7 @@ def get_config():
     # The reference DVS script uses a plain loss without the 1/T factor of its CIFAR
     # scripts; "exact" reproduces that.
     c.rate_grad_scale = "exact"
+    c.pool_ties = "first"  # the reference's max-pool tie rule (for a model with a max pool)
     c.learning_rate = 0.1  # reference
     c.batch_size = 128  # reference
     c.eval_batch_size = 200  # 1,000 test samples in 5 batches

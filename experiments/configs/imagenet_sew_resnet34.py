@@ -17,6 +17,7 @@ def get_config():
     c.image_size = 224  # RandomResizedCrop size
     c.T = 4  # reference
     c.rate_grad_scale = "reference"  # the reference multiplies rate gradients by 1/T
+    c.pool_ties = "first"  # the stem max pool's tie rule, as the reference (pooling of spikes)
     c.learning_rate = 0.2  # reference
     c.batch_size = 512  # reference (global)
     c.eval_batch_size = 500  # 50,000 validation images in 100 batches
