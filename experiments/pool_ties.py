@@ -22,18 +22,20 @@ import jax
 import numpy as np
 
 import cli_errors
-from ratebp_jax import analysis, data, layers, methods, train
+from ratebp_jax import analysis, data, layers, methods, models, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configs import default
 
-STEM_KERNEL = "stem.conv_bn.conv.kernel"  # SEW-ResNet's stem convolution
+# The zoo's models with a max pool: the ImageNet stems of SEW- and PreAct-ResNet.
+POOLED_MODELS = [name for name in models.MODELS if name.startswith(("sew_", "preact_"))]
 
 
 def parse_args(argv=None):
     p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default="/tmp/pool_ties", help="folder of the runs' workdirs")
-    p.add_argument("--model", default="sew_resnet_tiny", help="a model with a max pool")
+    p.add_argument("--model", default="sew_resnet_tiny",
+                   help=f"a model with a max pool, of {', '.join(POOLED_MODELS)}")
     p.add_argument("--T", type=int, default=4, help="time steps of training and comparison")
     p.add_argument("--epochs", type=int, default=20, help="training epochs of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="run seeds")
@@ -43,7 +45,10 @@ def parse_args(argv=None):
                    help="training batches (epoch 0, seed 0) the gradients are compared on")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    cli_errors.check_choices("--model", [args.model], POOLED_MODELS)
     cli_errors.check_choices("--rules", args.rules, layers.POOL_TIES)
+    if os.path.isfile(args.root):
+        raise cli_errors.UsageError(f"--root={args.root!r}: is a file; give a folder")
     for flag in ("T", "epochs", "batches"):
         cli_errors.check_int(f"--{flag}", getattr(args, flag))
     for seed in args.seeds:
@@ -81,9 +86,10 @@ def train_all(args) -> dict:
 
 
 def agreement(grads, grads_ref) -> dict:
-    """Cosine and norm ratio over all parameters and for the stem kernel."""
+    """Cosine and norm ratio over all parameters and for the stem convolution's kernel."""
     stats = analysis.compare_gradients(grads, grads_ref)
-    stem = next(p for p in stats["per_param"] if p["name"] == STEM_KERNEL)
+    stem = next(p for p in stats["per_param"]
+                if p["name"].startswith("stem.") and p["name"].endswith(".kernel"))
     return {"cosine": stats["cosine"], "norm_ratio": stats["norm_ratio"],
             "stem_cosine": stem["cosine"], "stem_norm_ratio": stem["norm_ratio"]}
 

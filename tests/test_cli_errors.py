@@ -29,10 +29,11 @@ import compare_gradients  # noqa: E402
 import device_report  # noqa: E402
 import loop_overhead  # noqa: E402
 import pipeline_throughput  # noqa: E402
+import pool_ties  # noqa: E402
 
 SCRIPTS = {m.__name__: m for m in (accuracy_benchmark, benchmark, check_reference,
                                    compare_gradients, device_report, loop_overhead,
-                                   pipeline_throughput)}
+                                   pipeline_throughput, pool_ties)}
 
 # A valid import_reference command line (see `inputs`); each case appends one bad flag.
 IMPORT = ["--state-dict", "{tmp}/in/good.npz", "--workdir", "{tmp}/out/run", "--model",
@@ -81,6 +82,14 @@ CASES = [
     ("benchmark", ["--json", "{tmp}"], "--json="),
     ("benchmark", ["--plot", "{tmp}/missing/b.png"], "--plot="),
     ("benchmark", ["--plot", "{tmp}/b.xyz"], ("--plot=", "unknown image format")),
+    ("pool_ties", ["--model", "resnet18_tiny"], ("--model='resnet18_tiny'", "sew_resnet_tiny")),
+    ("pool_ties", ["--rules", "split", "mean"], "--rules='mean': allowed values are"),
+    ("pool_ties", ["--T", "0"], "--T=0: must be an integer >= 1"),
+    ("pool_ties", ["--epochs", "0"], "--epochs=0"),
+    ("pool_ties", ["--batches", "0"], "--batches=0"),
+    ("pool_ties", ["--seeds", "0", "-1"], "--seeds=-1: must be an integer >= 0"),
+    ("pool_ties", ["--root", "{tmp}/in/good.npz"], ("--root=", "is a file")),
+    ("pool_ties", ["--json", "{tmp}/missing/p.json"], ("--json=", "does not exist")),
     ("accuracy_benchmark", ["--methods", "sgd"], "--methods='sgd'"),
     ("accuracy_benchmark", ["--step-modes", "both"], "--step-modes='both'"),
     ("accuracy_benchmark", ["--dtypes", "float32", "half"], "--dtypes='half'"),
