@@ -25,7 +25,7 @@ import jax
 
 import cli_errors
 from ratebp_jax import analysis, methods, models
-from ratebp_jax.layers import STEP_MODES
+from ratebp_jax.layers import DEFAULT_POOL_TIES, POOL_TIES, STEP_MODES
 
 
 def parse_args(argv=None):
@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32",
                    help=f"compute dtype of convolutions and dense layers, one of "
                         f"{', '.join(models.COMPUTE_DTYPES)}")
+    p.add_argument("--pool-ties", default=DEFAULT_POOL_TIES,
+                   help=f"max-pool tie rule (models with a max pool), one of "
+                        f"{', '.join(POOL_TIES)}")
     p.add_argument("--T", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                    help="simulation time steps to measure at")
     p.add_argument("--methods", nargs="+", default=["bptt", "bptt_remat", "rate"],
@@ -66,6 +69,7 @@ def validate(args):
     cli_errors.check_choices("--methods", args.methods, methods.METHODS)
     cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
     cli_errors.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
+    cli_errors.check_choices("--pool-ties", [args.pool_ties], POOL_TIES)
     cli_errors.check_int("--repeats", args.repeats, 0)
     if args.breakdown and "rate" not in args.methods:
         raise cli_errors.UsageError(f"--breakdown: times rate-BP's passes, but --methods="
@@ -92,7 +96,8 @@ def check_plot_format(path):
 def run(args) -> list[dict]:
     validate(args)
     model = models.create_model(args.model, num_classes=args.num_classes,
-                                image_size=args.image_size, compute_dtype=args.dtype)
+                                image_size=args.image_size, compute_dtype=args.dtype,
+                                pool_ties=args.pool_ties)
     net, params, batch_stats = methods.split_model(model)
     batch = analysis.random_batch(jax.random.key(0), args.batch, args.image_size, 3,
                                   args.num_classes)
@@ -217,7 +222,7 @@ def main(argv=None):
     rows = run(args)
     print_table(rows)
     meta = {"model": args.model, "batch": args.batch, "image_size": args.image_size,
-            "dtype": args.dtype,
+            "dtype": args.dtype, "pool_ties": args.pool_ties,
             "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
     if args.json:
         with open(args.json, "w") as f:

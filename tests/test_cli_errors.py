@@ -77,6 +77,7 @@ CASES = [
     ("benchmark", ["--step-modes", "scan"], "--step-modes='scan'"),
     ("benchmark", ["--dtype", "bf16"], ("--dtype='bf16'", "did you mean 'bfloat16'")),
     ("benchmark", ["--repeats", "-1"], "--repeats=-1: must be an integer >= 0"),
+    ("benchmark", ["--pool-ties", "mean"], "--pool-ties='mean': allowed values are"),
     ("benchmark", ["--breakdown", "--methods", "bptt"], "--breakdown"),
     ("benchmark", ["--breakdown=yes"], "--breakdown"),
     ("benchmark", ["--json", "{tmp}"], "--json="),
