@@ -3,8 +3,9 @@
 Each notebook is executed in memory with nbclient on a fresh IPython kernel of the running
 interpreter, with notebooks/ as its working directory; any cell error (including a failed
 ``assert`` in a notebook) fails the test. The executed copy goes to pytest's tmp_path for
-inspection only: the notebooks in the repository are never rewritten. They are stored with
-their outputs stripped, which is checked too.
+inspection only: the notebooks in the repository are never rewritten. Each is stored either
+with its outputs stripped or, to render on GitHub, with the outputs of one clean top-to-bottom
+run; that is checked too.
 
 Needs nbclient, nbformat and ipykernel (skipped without them).
 """
@@ -51,17 +52,28 @@ def test_notebooks_exist():
         "01_bptt_vs_rate_gradients.ipynb",
         "02_training_and_firing_rates.ipynb",
         "03_memory_and_time.ipynb",
+        "04_your_own_model.ipynb",
     ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_stored_without_outputs(path):
+def test_notebook_stored_stripped_or_as_one_clean_run(path):
+    """Stripped: no code cell has outputs or an execution count. With outputs: every code
+    cell ran once, in order, none raised, and the file stays under 1 MB."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, (
-                f"{path.name} cell {i} is stored with outputs; strip them before committing")
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    counts = [cell.execution_count for cell in code]
+    if all(count is None for count in counts):
+        assert all(cell.outputs == [] for cell in code), (
+            f"{path.name} has outputs without execution counts; rerun it all or strip it")
+        return
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{path.name} was not run once top to bottom (execution counts {counts}); rerun it "
+        f"all or strip it")
+    errors = [out.ename for cell in code for out in cell.outputs if out.output_type == "error"]
+    assert not errors, f"{path.name} is stored with errors {errors}"
+    assert path.stat().st_size < 1_000_000, f"{path.name} is {path.stat().st_size} bytes"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
