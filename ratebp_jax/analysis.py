@@ -1,10 +1,12 @@
 """Gradient comparison between methods, and compiled memory and step time of each."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -35,29 +37,187 @@ def _norm_ratio(a, b):
     return float(na / nb) if nb > 0 else float("nan")
 
 
-def compare_gradients(grads, grads_ref) -> dict:
-    """Compare ``grads`` with the reference ``grads_ref`` (same tree structure).
+# The parity checker's floor (``parity.py``): a parameter's error is measured against at
+# least this fraction of the whole reference gradient's norm.
+REL_ERR_FLOOR = 1e-3
 
-    Returns ``{"cosine", "norm_ratio", "max_rel_err", "per_param": [{"name", "cosine",
-    "norm_ratio", "rel_err"}]}``; ``rel_err = ||g - g_ref|| / ||g_ref||`` per parameter,
-    ``cosine`` and ``norm_ratio`` over all parameters together. Computed in float64.
-    """
-    per_param, flat, flat_ref = [], [], []
-    for (name, g), (name_ref, g_ref) in zip(named_leaves(grads), named_leaves(grads_ref),
-                                            strict=True):
-        assert name == name_ref, (name, name_ref)
-        g, g_ref = g.astype(np.float64).ravel(), g_ref.astype(np.float64).ravel()
-        flat.append(g)
-        flat_ref.append(g_ref)
-        n_ref = np.linalg.norm(g_ref)
-        per_param.append({
-            "name": name, "cosine": _cosine(g, g_ref), "norm_ratio": _norm_ratio(g, g_ref),
-            "rel_err": float(np.linalg.norm(g - g_ref) / n_ref) if n_ref > 0 else
-            float(np.linalg.norm(g)),
-        })
-    g, g_ref = np.concatenate(flat), np.concatenate(flat_ref)
+
+def _agreement(g, g_ref) -> dict:
     return {"cosine": _cosine(g, g_ref), "norm_ratio": _norm_ratio(g, g_ref),
-            "max_rel_err": max(p["rel_err"] for p in per_param), "per_param": per_param}
+            "norm": float(np.linalg.norm(g)), "norm_ref": float(np.linalg.norm(g_ref))}
+
+
+def compare_gradients(grads, grads_ref, layers: list | None = None) -> dict:
+    """Compare ``grads`` with the reference ``grads_ref`` (same tree structure), in float64.
+
+    Returns ``{"cosine", "norm_ratio", "norm", "norm_ref", "max_rel_err", "per_param"}``
+    over all parameters together, with ``per_param`` a list of ``{"name", "cosine",
+    "norm_ratio", "norm", "norm_ref", "rel_err", "structurally_zero"}`` in path order.
+
+    ``rel_err = ||g - g_ref|| / max(||g_ref||, REL_ERR_FLOOR * ||G_ref||)``, ``G_ref`` the
+    whole reference gradient, as the parity checker measures it. Without the floor, a
+    parameter whose true gradient is zero, such as the bias of a convolution that feeds a
+    BatchNorm (the normalisation subtracts any constant shift), divides rounding noise by
+    rounding noise: ``rel_err`` 1.4 at T=1 where the whole gradient agrees to 2e-6. Such a
+    parameter, whose reference norm is under the floor, is marked ``structurally_zero``.
+
+    With ``layers`` (``[(layer, [parameter names])]``, see :func:`layer_groups`) it adds
+    ``per_layer`` (``{"name", "params", "cosine", "norm_ratio", "norm", "norm_ref"}``, in
+    that order) and ``hidden`` (:func:`hidden_summary`).
+    """
+    named, named_ref = named_leaves(grads), named_leaves(grads_ref)
+    assert [n for n, _ in named] == [n for n, _ in named_ref], "different parameter trees"
+    flat = {n: g.astype(np.float64).ravel() for n, g in named}
+    flat_ref = {n: g.astype(np.float64).ravel() for n, g in named_ref}
+    g_all, g_ref_all = np.concatenate(list(flat.values())), np.concatenate(list(flat_ref.values()))
+    floor = REL_ERR_FLOOR * np.linalg.norm(g_ref_all)
+    per_param = []
+    for name in flat:
+        g, g_ref = flat[name], flat_ref[name]
+        n_ref = np.linalg.norm(g_ref)
+        denominator = max(n_ref, floor)
+        per_param.append({
+            "name": name, **_agreement(g, g_ref),
+            "rel_err": (float(np.linalg.norm(g - g_ref) / denominator) if denominator > 0
+                        else float(np.linalg.norm(g))),
+            "structurally_zero": bool(n_ref < floor)})
+    result = {**_agreement(g_all, g_ref_all),
+              "max_rel_err": max(p["rel_err"] for p in per_param), "per_param": per_param}
+    if layers is not None:
+        result["per_layer"] = [
+            {"name": layer, "params": names,
+             **_agreement(np.concatenate([flat[n] for n in names]),
+                          np.concatenate([flat_ref[n] for n in names]))}
+            for layer, names in layers]
+        result["hidden"] = hidden_summary(result["per_layer"])
+    return result
+
+
+def mean_comparison(comparisons: list[dict]) -> dict:
+    """The mean of several :func:`compare_gradients` results (one per batch): every figure
+    averaged per parameter, per layer and overall; a parameter is ``structurally_zero`` if
+    it is on any batch; ``max_rel_err`` and ``hidden`` are taken from the averages."""
+    if len(comparisons) == 1:
+        return comparisons[0]
+
+    def mean(records):
+        out = dict(records[0])
+        for key, value in out.items():
+            if isinstance(value, float):
+                out[key] = float(np.mean([r[key] for r in records]))
+        return out
+    result = mean(comparisons)
+    result["per_param"] = [
+        {**mean(list(ps)), "structurally_zero": any(p["structurally_zero"] for p in ps)}
+        for ps in zip(*(c["per_param"] for c in comparisons))]
+    result["max_rel_err"] = max(p["rel_err"] for p in result["per_param"])
+    if "per_layer" in result:
+        result["per_layer"] = [mean(list(ls)) for ls in zip(*(c["per_layer"]
+                                                             for c in comparisons))]
+        result["hidden"] = hidden_summary(result["per_layer"])
+    return result
+
+
+def hidden_summary(per_layer: list[dict]) -> dict:
+    """Median and minimum cosine and norm ratio over the hidden layers: every layer but the
+    readout (the last), whose rate-BP gradient is exact at any T and would otherwise
+    dominate an overall figure. ``None`` entries when the network has no hidden layer."""
+    hidden = per_layer[:-1]
+
+    def stat(key, fn):
+        values = [r[key] for r in hidden if math.isfinite(r[key])]
+        return float(fn(values)) if values else None
+    return {"layers": len(hidden), "readout": per_layer[-1]["name"] if per_layer else None,
+            "median_cosine": stat("cosine", np.median), "min_cosine": stat("cosine", np.min),
+            "median_norm_ratio": stat("norm_ratio", np.median),
+            "min_norm_ratio": stat("norm_ratio", np.min)}
+
+
+# --------------------------------------------------------------------------- layers
+def layer_groups(net, params, batch_stats, image_shape) -> list[tuple[str, list[str]]]:
+    """The network's layers, from input to output: ``[(name, [parameter names])]``.
+
+    A layer is one convolution or dense layer and the BatchNorm that normalises its output
+    (the next BatchNorm in network order); a BatchNorm that follows no such layer, or any
+    other module with parameters, is a layer of its own. A layer is named by the dotted path
+    its modules share (``stages.0.0.unit1.conv_bn`` for a ConvBN), or by its first module's
+    path when they share none. Network order is the order in which the forward pass first
+    uses each parameter (read from its jaxpr, at T=1 on an abstract batch of
+    ``image_shape``), not the alphabetical order of the parameter tree.
+    """
+    from ratebp_jax import layers as snn_layers
+
+    kinds = {}
+    for path, node in nnx.iter_graph(net.merge(params, batch_stats)):
+        if isinstance(node, (nnx.Conv, nnx.Linear)):
+            kinds[".".join(map(str, path))] = "weight"
+        elif isinstance(node, snn_layers.BatchNorm):
+            kinds[".".join(map(str, path))] = "norm"
+    modules = []  # module paths in order of first use
+    for name in _first_use_order(net, params, batch_stats, image_shape):
+        module = name.rpartition(".")[0]
+        if module not in modules:
+            modules.append(module)
+    groups: list[list[str]] = []
+    for module in modules:
+        kind = kinds.get(module)
+        joins = (kind == "norm" and groups and kinds.get(groups[-1][0]) == "weight"
+                 and len(groups[-1]) == 1)
+        if joins:
+            groups[-1].append(module)
+        else:
+            groups.append([module])
+    names = [n for n, _ in named_leaves(params)]
+    return [(_common_path(group), [n for n in names if n.rpartition(".")[0] in group])
+            for group in groups]
+
+
+def _common_path(modules: list[str]) -> str:
+    parts = [m.split(".") for m in modules]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) if common and len(modules) > 1 else modules[0]
+
+
+def _first_use_order(net, params, batch_stats, image_shape) -> list[str]:
+    """Parameter names in the order the T=1 forward pass first reads them."""
+    from ratebp_jax import methods
+
+    names = [n for n, _ in named_leaves(params)]
+    leaves, treedef = jax.tree.flatten(params)
+    assert len(leaves) == len(names)
+    images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+
+    def forward(leaves, images):
+        return methods.spike_inference(net, jax.tree.unflatten(treedef, leaves), batch_stats,
+                                       images, T=1, step_mode="multi")[0]
+    closed = jax.make_jaxpr(forward)(leaves, images)
+    first = _first_uses(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[
+        :len(leaves)])}, [0])
+    return [names[i] for i in sorted(range(len(names)), key=lambda i: first.get(i, math.inf))]
+
+
+def _first_uses(jaxpr, watched: dict, counter: list) -> dict:
+    """``{input index: position of the first equation that reads it}``, looking inside
+    calls (pjit, custom_vjp, remat) whose inner inputs match their operands one to one."""
+    first = {}
+    for eqn in jaxpr.eqns:
+        inner = [p for p in eqn.params.values() if isinstance(p, (jex.Jaxpr, jex.ClosedJaxpr))]
+        inner = [p.jaxpr if isinstance(p, jex.ClosedJaxpr) else p for p in inner]
+        operands = {watched[v]: k for k, v in enumerate(eqn.invars)
+                    if isinstance(v, jex.Var) and v in watched}
+        if len(inner) == 1 and len(inner[0].invars) == len(eqn.invars) and operands:
+            inner_watched = {inner[0].invars[k]: i for i, k in operands.items()}
+            for i, pos in _first_uses(inner[0], inner_watched, counter).items():
+                first.setdefault(i, pos)
+        else:
+            for i in operands:
+                first.setdefault(i, counter[0])
+        counter[0] += 1
+    return first
 
 
 def random_batch(key, batch: int, image_size: int, channels: int, num_classes: int,

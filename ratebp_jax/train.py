@@ -23,9 +23,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ratebp_jax import data, methods, models, neurons
+from ratebp_jax import agreement, data, methods, models, neurons
 from ratebp_jax import workdir as wd
-from ratebp_jax.layers import STEP_MODES
+from ratebp_jax.layers import POOL_TIES, STEP_MODES
 
 OPTIMIZERS = ("sgd", "adam")
 NAN_POLICIES = ("stop", "skip")
@@ -66,6 +66,19 @@ def _boolean(config, field):
         raise ValueError(f"{field}={config[field]!r}: must be true or false")
 
 
+def _method_list(config, field):
+    """A non-empty list (or tuple) of names from ``methods.METHODS``."""
+    value = config[field]
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"{field}={value!r}: must be a non-empty list of method names, of "
+                         f"{', '.join(methods.METHODS)}")
+    for name in names:
+        if name not in methods.METHODS:
+            raise ValueError(f"{field}={value!r}: {name!r} is not a method; allowed values "
+                             f"are {', '.join(methods.METHODS)}")
+
+
 def neuron_config(config) -> neurons.NeuronConfig:
     return neurons.NeuronConfig(lam=config.lam, thresh=config.thresh, reset=config.reset,
                                 v_reset=config.v_reset, surrogate=config.surrogate,
@@ -85,6 +98,7 @@ def validate_config(config, *, devices: bool = True) -> None:
     _allowed("dataset", config.dataset, list(data.LOADERS))
     models.resolve(config.model)  # a zoo name, or package.module:Factory (imported here)
     _allowed("compute_dtype", config.compute_dtype, models.COMPUTE_DTYPES)
+    _allowed("pool_ties", config.pool_ties, POOL_TIES)
     _allowed("method", config.method, list(methods.METHODS))
     _allowed("step_mode", config.step_mode, STEP_MODES)
     _allowed("rate_grad_scale", config.rate_grad_scale, methods.RATE_GRAD_SCALES)
@@ -94,8 +108,9 @@ def validate_config(config, *, devices: bool = True) -> None:
                   "log_every_steps"):
         _integer(config, field, 1)
     for field in ("num_train_steps", "checkpoint_every_steps", "num_classes", "image_size",
-                  "seed", "augment_crop_padding", "data_workers"):
+                  "seed", "augment_crop_padding", "data_workers", "grad_agreement_every_steps"):
         _integer(config, field, 0)
+    _method_list(config, "grad_agreement_methods")
     for field in ("augment", "augment_flip", "progress_bar", "plots"):
         _boolean(config, field)
     _number(config, "surrogate_alpha", 0.0, low_open=True)
@@ -235,7 +250,8 @@ def create_model(config, image_shape, num_classes) -> nnx.Module:
     return models.create_model(
         config.model, num_classes=config.num_classes or num_classes,
         in_channels=image_shape[-1], image_size=image_shape[0],
-        neuron=neuron_config(config), seed=config.seed, compute_dtype=config.compute_dtype)
+        neuron=neuron_config(config), seed=config.seed, compute_dtype=config.compute_dtype,
+        pool_ties=config.pool_ties)
 
 
 def create_state(config, image_shape, num_classes, tx, model=None):
@@ -357,6 +373,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
         os.remove(metrics_path)
     if restored_step is not None:
         log(f"resumed from step {step} in {workdir}")
+    agreement_log = _agreement_logger(config, net, state, dataset, workdir, restored_step)
     best_accuracy = max((r["test_accuracy"] for r in history), default=-1.0)
 
     start_time = time.time()
@@ -380,6 +397,8 @@ def train_and_evaluate(config, workdir: str, *, log=print,
             bar = _progress(config, epoch, num_epochs, start_in_epoch, epoch_steps)
             t_epoch, images_seen, pending = time.time(), 0, []
             for _, batch in zip(range(start_in_epoch, epoch_steps), device_batches):
+                if agreement_log is not None and agreement_log.due(step):
+                    agreement_log.log(step, state, batch)  # before train_step donates state
                 state, metrics = train_step(state, batch)
                 pending.append((step, metrics))
                 step += 1
@@ -450,7 +469,27 @@ def train_and_evaluate(config, workdir: str, *, log=print,
         wd.write_json_atomic(os.path.join(workdir, wd.SUMMARY_FILE), summary)
         if config.plots and history:
             plot_curves(history, workdir)
+        if config.plots and agreement_log is not None:
+            records = wd.read_jsonl(agreement_log.path)
+            if records:
+                agreement.plot_agreement(records, os.path.join(workdir, agreement.PLOT_FILE))
     return summary
+
+
+def _agreement_logger(config, net, state, dataset, workdir, restored_step):
+    """The run's :class:`agreement.AgreementLogger`, or None when logging is off. Its
+    records after the restored step are dropped (they are logged again), and a run that
+    starts afresh starts a fresh file."""
+    if not config.grad_agreement_every_steps:
+        return None
+    logger = agreement.AgreementLogger(net, state["params"], state["batch_stats"],
+                                       dataset.image_shape, config, workdir)
+    if os.path.exists(logger.path) and jax.process_index() == 0:
+        if restored_step is None:
+            os.remove(logger.path)
+        else:
+            wd.truncate_jsonl(logger.path, restored_step - 1)
+    return logger
 
 
 class _StopRequest:

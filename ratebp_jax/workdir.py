@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "log_every_steps",
                 "plots",
                 "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size", "nan_policy",
-                "data_dir", "data_workers")
+                "data_dir", "data_workers", "grad_agreement_every_steps",
+                "grad_agreement_methods")
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -56,7 +57,8 @@ def check_same_run(workdir: str, config) -> None:
     """Refuse a config that differs from the workdir's ``config.json`` outside RERUN_FIELDS.
 
     Fields missing from an older ``config.json`` (added to the code since) are not
-    compared; a workdir from before ``config.json`` is compared on its summary's fields. Raises RunMismatch naming every differing field with its old and new value.
+    compared; a workdir from before ``config.json`` is compared on its summary's fields.
+    Raises RunMismatch naming every differing field with its old and new value.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(path):

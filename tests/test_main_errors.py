@@ -44,6 +44,7 @@ CASES = [
     (["--config.surrogate=relu"], "surrogate='relu'"),
     (["--config.surrogate_alpha=0"], "surrogate_alpha=0.0: must be a finite number > 0.0"),
     (["--config.compute_dtype=float16"], "compute_dtype='float16': allowed values are"),
+    (["--config.pool_ties=mean"], "pool_ties='mean': allowed values are split, first"),
     (["--config.method=sgd"], "method='sgd': allowed values are"),
     (["--config.step_mode=both"], "step_mode='both': allowed values are"),
     (["--config.T=0"], "T=0: must be an integer >= 1"),
@@ -65,6 +66,12 @@ CASES = [
     (["--config.log_every_steps=0"], "log_every_steps=0: must be an integer >= 1"),
     (["--config.plots=2"], "--config.plots"),
     (["--config.nan_policy=ignore"], "nan_policy='ignore': allowed values are"),
+    (["--config.grad_agreement_every_steps=-5"],
+     "grad_agreement_every_steps=-5: must be an integer >= 0"),
+    (["--config.grad_agreement_methods=('rate', 'bptt_fast')"],
+     "'bptt_fast' is not a method; allowed values are"),
+    (["--config.grad_agreement_methods=()"],
+     "grad_agreement_methods=(): must be a non-empty list of method names"),
     # unknown fields and flags, the config file, the workdir
     (["--config.lerning_rate=0.1"], "config.lerning_rate: no such field; did you mean "
                                     "'learning_rate'?"),

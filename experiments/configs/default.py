@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.surrogate = "sigmoid"  # sigmoid | atan | triangle | rectangle
     c.surrogate_alpha = 4.0  # surrogate sharpness
     c.compute_dtype = "float32"  # float32 | bfloat16: the dtype convolutions and dense layers compute in
+    # split | first: the gradient of a max-pooling window with tied maxima (SEW/PreAct stems):
+    # split shares it equally among them, first gives it all to the first (XLA, reference)
+    c.pool_ties = "split"
 
     # ---- gradient method
     c.method = "rate"  # rate | bptt (see ratebp_jax.methods.METHODS)
@@ -62,4 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     # in between the device runs ahead without waiting for Python
     c.plots = True  # write PNG curves into the workdir
     c.nan_policy = "stop"  # stop | skip: what a non-finite loss or gradient does
+    # Every this many steps, compare each method of grad_agreement_methods with BPTT on the
+    # step's batch (grad_agreement.jsonl and .png, per layer); 0: off. Costs one BPTT and one
+    # gradient per method at those steps, outside the train step; the run is unchanged.
+    c.grad_agreement_every_steps = 0
+    c.grad_agreement_methods = ("rate",)  # names from ratebp_jax.methods.METHODS
     return c

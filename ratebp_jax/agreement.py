@@ -1,0 +1,164 @@
+"""Gradient agreement with BPTT, logged while a network trains.
+
+Every ``config.grad_agreement_every_steps`` steps the trainer hands :class:`AgreementLogger`
+the batch, parameters and BatchNorm statistics that the next train step is about to use.
+It computes BPTT's gradient and each listed method's on them, at the run's T and step mode,
+in a program of its own (never the train step's), and writes one line per method to
+``grad_agreement.jsonl``::
+
+    {"step", "method", "reference": "bptt", "T", "step_mode", "cosine", "norm_ratio",
+     "layers": {LAYER: {"cosine", "norm_ratio"}}}
+
+``step`` counts the updates made before that batch (0: the initial weights). The layers
+(``analysis.layer_groups``) are in network order, input to output. The new BatchNorm
+statistics and everything else these gradients produce are thrown away, so a run logs the
+same parameters, statistics and metrics with logging on as off.
+
+The comparison is reduced on the device to three numbers per parameter, ``<g, g_bptt>``,
+``|g|^2`` and ``|g_bptt|^2``, so only those cross to the host, not the gradients.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ratebp_jax import analysis, methods
+
+FILE = "grad_agreement.jsonl"
+PLOT_FILE = "grad_agreement.png"
+REFERENCE = "bptt"
+
+
+def make_agreement_fn(net, method_names, *, T: int, step_mode: str,
+                      rate_grad_scale: str = "exact"):
+    """``fn(params, batch_stats, batch) -> {method: [dot, norm2, norm2_ref] per parameter}``,
+    each entry a ``[3, P]`` float32 array in ``jax.tree.leaves(params)`` order, comparing
+    the method's gradient with BPTT's on the same inputs."""
+    def grads(method, params, batch_stats, batch):
+        fn = methods.make_grad_fn(method, net, T=T, step_mode=step_mode,
+                                  rate_grad_scale=rate_grad_scale)
+        return jax.tree.leaves(fn(params, batch_stats, batch)[1])
+
+    def sums(g, g_ref):
+        return jnp.stack([jnp.stack([jnp.vdot(a, b).astype(jnp.float32) for a, b in zip(g, g_ref)]),
+                          jnp.stack([jnp.vdot(a, a).astype(jnp.float32) for a in g]),
+                          jnp.stack([jnp.vdot(b, b).astype(jnp.float32) for b in g_ref])])
+
+    def agreement(params, batch_stats, batch):
+        g_ref = grads(REFERENCE, params, batch_stats, batch)
+        return {m: sums(g_ref if m == REFERENCE else grads(m, params, batch_stats, batch),
+                        g_ref) for m in method_names}
+    return agreement
+
+
+def _cosine_and_ratio(dot, norm2, norm2_ref) -> dict:
+    """Two zero gradients agree (1, 1); where a figure is undefined (a zero gradient against
+    a non-zero one) or not finite, it is None, which JSON writes as null."""
+    if norm2 == 0 and norm2_ref == 0:
+        return {"cosine": 1.0, "norm_ratio": 1.0}
+    cosine = dot / math.sqrt(norm2 * norm2_ref) if norm2 > 0 and norm2_ref > 0 else None
+    ratio = math.sqrt(norm2 / norm2_ref) if norm2_ref > 0 else None
+    return {"cosine": _finite(cosine), "norm_ratio": _finite(ratio)}
+
+
+def _finite(x):
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def records_from_sums(sums_by_method: dict, layers, param_names, *, step: int, T: int,
+                      step_mode: str) -> list[dict]:
+    """The JSON records of one logging step from :func:`make_agreement_fn`'s sums (on the
+    host, as numpy). ``layers`` is ``[(layer, [parameter names])]`` in network order and
+    ``param_names`` the names in ``jax.tree.leaves(params)`` order."""
+    index = {name: i for i, name in enumerate(param_names)}
+    records = []
+    for method, sums in sums_by_method.items():  # in the order the caller listed them
+        sums = np.asarray(sums, np.float64)
+        layer_figures = {layer: _cosine_and_ratio(*sums[:, [index[n] for n in names]].sum(1))
+                         for layer, names in layers}
+        records.append({"step": step, "method": method, "reference": REFERENCE, "T": T,
+                        "step_mode": step_mode, **_cosine_and_ratio(*sums.sum(1)),
+                        "layers": layer_figures})
+    return records
+
+
+class AgreementLogger:
+    """Computes and appends the agreement records of a training run (see module doc)."""
+
+    def __init__(self, net, params, batch_stats, image_shape, config, workdir: str):
+        self.every = config.grad_agreement_every_steps
+        self.T, self.step_mode = config.T, config.step_mode
+        self.methods = tuple(dict.fromkeys(config.grad_agreement_methods))
+        self.path = os.path.join(workdir, FILE)
+        self.layers = analysis.layer_groups(net, params, batch_stats, image_shape)
+        self.param_names = _leaf_names(params)
+        self.fn = jax.jit(make_agreement_fn(net, self.methods,
+                                            T=config.T, step_mode=config.step_mode,
+                                            rate_grad_scale=config.rate_grad_scale))
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def log(self, step: int, state, batch) -> list[dict]:
+        """Compare at ``step`` on ``batch`` with ``state``'s parameters and statistics.
+        Blocks until the figures are on the host, so the train step may then donate
+        ``state``'s buffers."""
+        sums = jax.device_get(self.fn(state["params"], state["batch_stats"], batch))
+        sums = {method: sums[method] for method in self.methods}  # jit sorts dict keys
+        records = records_from_sums(sums, self.layers, self.param_names, step=step, T=self.T,
+                                    step_mode=self.step_mode)
+        if jax.process_index() == 0:
+            from ratebp_jax import workdir as wd
+            for record in records:
+                wd.append_jsonl(self.path, record)
+        return records
+
+
+def _leaf_names(params) -> list[str]:
+    """Dotted names in ``jax.tree.leaves`` order (``analysis.named_leaves`` is path order;
+    the two agree for NNX states, which this checks)."""
+    names = [name for name, _ in analysis.named_leaves(params)]
+    if len(names) != len(jax.tree.leaves(params)):
+        raise ValueError("params: cannot name every leaf")
+    return names
+
+
+def plot_agreement(records: list[dict], path: str) -> None:
+    """Cosine with BPTT against step: one panel per method, one line per layer coloured by
+    its depth (input dark, output light), the overall cosine dashed in black."""
+    import matplotlib
+    from matplotlib import cm, colors
+    from matplotlib.figure import Figure
+
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    fig = Figure(figsize=(5.5 * len(by_method) + 1, 3.8))
+    axes = fig.subplots(1, len(by_method), squeeze=False)[0]
+    cmap = matplotlib.colormaps["viridis"]
+    for ax, (method, rs) in zip(axes, by_method.items()):
+        rs = sorted(rs, key=lambda r: r["step"])
+        steps = [r["step"] for r in rs]
+        layers = list(rs[0]["layers"])
+        norm = colors.Normalize(0, max(len(layers) - 1, 1))
+        for depth, layer in enumerate(layers):
+            ax.plot(steps, [_nan(r["layers"][layer]["cosine"]) for r in rs],
+                    color=cmap(norm(depth)), lw=1.2)
+        ax.plot(steps, [_nan(r["cosine"]) for r in rs], "k--", lw=1.5, label="all parameters")
+        ax.set(xlabel="training step", ylabel=f"cosine with {REFERENCE}",
+               title=f"{method} vs {REFERENCE} (T={rs[0]['T']}, {rs[0]['step_mode']})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+        bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax)
+        bar.set_label(f"layer depth (0 = {layers[0]}, {len(layers) - 1} = {layers[-1]})",
+                      fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _nan(x):
+    return float("nan") if x is None else x
