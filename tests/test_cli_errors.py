@@ -30,10 +30,11 @@ import device_report  # noqa: E402
 import loop_overhead  # noqa: E402
 import pipeline_throughput  # noqa: E402
 import pool_ties  # noqa: E402
+import run_notebooks  # noqa: E402
 
 SCRIPTS = {m.__name__: m for m in (accuracy_benchmark, benchmark, check_reference,
                                    compare_gradients, device_report, loop_overhead,
-                                   pipeline_throughput, pool_ties)}
+                                   pipeline_throughput, pool_ties, run_notebooks)}
 
 # A valid import_reference command line (see `inputs`); each case appends one bad flag.
 IMPORT = ["--state-dict", "{tmp}/in/good.npz", "--workdir", "{tmp}/out/run", "--model",
@@ -128,6 +129,13 @@ CASES = [
     ("device_report", ["a.txt", "--batch", "4"], "BENCH_JSON='a.txt'"),
     ("device_report", ["a.json", "--batch", "4", "--json", "{tmp}/missing/d.json"],
      ("--json=", "does not exist")),
+    ("run_notebooks", ["{tmp}/in/afile"], ("NOTEBOOK=", "not a notebook (*.ipynb)")),
+    ("run_notebooks", ["{tmp}/in/good.ipynb", "{tmp}/in/missing.ipynb"], ("NOTEBOOK=",
+                                                                         "no such file")),
+    ("run_notebooks", ["{tmp}/in/broken.ipynb"], ("NOTEBOOK=", "not a readable notebook")),
+    ("run_notebooks", ["{tmp}/in/dir.ipynb"], ("NOTEBOOK=", "is a directory")),
+    ("run_notebooks", ["--timeout", "0"], "--timeout=0: must be an integer >= 1"),
+    ("run_notebooks", ["--timeout", "soon"], "--timeout"),
     ("import_reference", [], "--state-dict, --workdir: required"),
     ("import_reference", ["--state-dict", "{tmp}/in/good.npz"], "--workdir: required"),
     ("import_reference", imp("--model=vgg_tiyn"), ("--model='vgg_tiyn'",
@@ -192,6 +200,10 @@ def inputs(tmp_path_factory):
     (d / "broken_seed0.json").write_text("{")
     (d / "noarch_seed0.json").write_text("{}")
     (d / "alexnet_seed0.json").write_text('{"arch": "alexnet"}')
+    (d / "good.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, '
+                                  '"nbformat_minor": 5}')
+    (d / "broken.ipynb").write_text("{")
+    (d / "dir.ipynb").mkdir()
     return str(tmp)
 
 
