@@ -66,6 +66,27 @@ def test_benchmark_reports_ratios_and_flat_single_mode_rate_memory(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
+def test_conv_throughput_quick_reports_every_shape_and_op_against_peak(tmp_path):
+    out = tmp_path / "c.json"
+    proc = run_cli("conv_throughput.py", "--quick", "--step-modes", "multi", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["model"] == "resnet18_tiny" and result["peak_gflops_per_s"] > 0
+    # resnet18_tiny: stem, 4->4 (twice), 4->8 stride 2, 8->8 and the 1x1 shortcut
+    assert [(s["cin"], s["cout"], s["kernel"], s["stride"], s["uses"])
+            for s in result["shapes"]] == [(3, 4, 3, 1, 1), (4, 4, 3, 1, 2), (4, 8, 3, 2, 1),
+                                           (8, 8, 3, 1, 1), (4, 8, 1, 2, 1)]
+    rows = result["results"]
+    assert len(rows) == 3 * len(result["shapes"])
+    assert {r["op"] for r in rows} == {"forward", "input_grad", "kernel_grad"}
+    for r in rows + result["network"]:
+        assert r["batch"] == 4 and r["gflops_per_s"] > 0 and r["seconds"] > 0
+        assert r["fraction_of_peak"] == r["gflops_per_s"] / result["peak_gflops_per_s"]
+    # the stem at 8x8: 2 * 4 images * 64 positions * 9 * 3 * 4 FLOPs
+    assert rows[0]["gflop"] * 1e9 == 2 * 4 * 64 * 9 * 3 * 4
+    assert "whole network" in proc.stdout
+
+
 def test_accuracy_benchmark_runs_every_method_and_mode(tmp_path):
     out = tmp_path / "a.json"
     proc = run_cli("accuracy_benchmark.py", "--seeds", "0", "--num-train-steps", "3",

@@ -26,6 +26,7 @@ import benchmark  # noqa: E402
 import check_reference  # noqa: E402
 import cli_errors  # noqa: E402
 import compare_gradients  # noqa: E402
+import conv_throughput  # noqa: E402
 import device_report  # noqa: E402
 import loop_overhead  # noqa: E402
 import pipeline_throughput  # noqa: E402
@@ -33,8 +34,9 @@ import pool_ties  # noqa: E402
 import run_notebooks  # noqa: E402
 
 SCRIPTS = {m.__name__: m for m in (accuracy_benchmark, benchmark, check_reference,
-                                   compare_gradients, device_report, loop_overhead,
-                                   pipeline_throughput, pool_ties, run_notebooks)}
+                                   compare_gradients, conv_throughput, device_report,
+                                   loop_overhead, pipeline_throughput, pool_ties,
+                                   run_notebooks)}
 
 # A valid import_reference command line (see `inputs`); each case appends one bad flag.
 IMPORT = ["--state-dict", "{tmp}/in/good.npz", "--workdir", "{tmp}/out/run", "--model",
@@ -119,6 +121,17 @@ CASES = [
     ("pipeline_throughput", ["--workers"], "--workers"),
     ("pipeline_throughput", ["--json", "{tmp}"], ("--json=", "is a directory")),
     ("pipeline_throughput", ["--json", "{tmp}/missing/p.json"], ("--json=", "does not exist")),
+    ("conv_throughput", ["--model", "resnet81"], ("--model='resnet81'", "did you mean")),
+    ("conv_throughput", ["--batch", "0"], "--batch=0: must be an integer >= 1"),
+    ("conv_throughput", ["--T", "0"], "--T=0: must be an integer >= 1"),
+    ("conv_throughput", ["--T", "eight"], "--T"),
+    ("conv_throughput", ["--image-size", "-8"], "--image-size=-8"),
+    ("conv_throughput", ["--repeats", "0"], "--repeats=0: must be an integer >= 1"),
+    ("conv_throughput", ["--peak-size", "8"], "--peak-size=8: must be an integer >= 16"),
+    ("conv_throughput", ["--step-modes", "both"], "--step-modes='both'"),
+    ("conv_throughput", ["--layouts", "NHCW"], ("--layouts='NHCW'", "did you mean 'NHWC'")),
+    ("conv_throughput", ["--json", "{tmp}"], ("--json=", "is a directory")),
+    ("conv_throughput", ["--json", "{tmp}/missing/c.json"], ("--json=", "does not exist")),
     ("loop_overhead", ["--model", "vgg_tnyi"], ("--model='vgg_tnyi'", "did you mean")),
     ("loop_overhead", ["--epochs", "1"], "--epochs=1: must be an integer >= 2"),
     ("loop_overhead", ["--examples", "10"], "--examples=10: must be an integer >= 64"),
