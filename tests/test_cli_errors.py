@@ -32,11 +32,12 @@ import loop_overhead  # noqa: E402
 import pipeline_throughput  # noqa: E402
 import pool_ties  # noqa: E402
 import run_notebooks  # noqa: E402
+import xla_options  # noqa: E402
 
 SCRIPTS = {m.__name__: m for m in (accuracy_benchmark, benchmark, check_reference,
                                    compare_gradients, conv_throughput, device_report,
                                    loop_overhead, pipeline_throughput, pool_ties,
-                                   run_notebooks)}
+                                   run_notebooks, xla_options)}
 
 # A valid import_reference command line (see `inputs`); each case appends one bad flag.
 IMPORT = ["--state-dict", "{tmp}/in/good.npz", "--workdir", "{tmp}/out/run", "--model",
@@ -132,6 +133,13 @@ CASES = [
     ("conv_throughput", ["--layouts", "NHCW"], ("--layouts='NHCW'", "did you mean 'NHWC'")),
     ("conv_throughput", ["--json", "{tmp}"], ("--json=", "is a directory")),
     ("conv_throughput", ["--json", "{tmp}/missing/c.json"], ("--json=", "does not exist")),
+    ("xla_options", ["--configs", "fastmath"], ("--configs='fastmath'", "did you mean")),
+    ("xla_options", ["--rounds", "0"], "--rounds=0: must be an integer >= 1"),
+    ("xla_options", ["--model", "resnet81"], "--model='resnet81'"),
+    ("xla_options", ["--step-mode", "both"], "--step-mode='both'"),
+    ("xla_options", ["--T", "0"], "--T=0"),
+    ("xla_options", ["--repeats", "two"], "--repeats"),
+    ("xla_options", ["--json", "{tmp}/missing/x.json"], ("--json=", "does not exist")),
     ("loop_overhead", ["--model", "vgg_tnyi"], ("--model='vgg_tnyi'", "did you mean")),
     ("loop_overhead", ["--epochs", "1"], "--epochs=1: must be an integer >= 2"),
     ("loop_overhead", ["--examples", "10"], "--examples=10: must be an integer >= 64"),
