@@ -17,7 +17,9 @@ two figures over the hidden layers (median and minimum; the readout, exact for r
 any T, left out), and the largest per-parameter relative error
 ``||g - g_bptt|| / max(||g_bptt||, 1e-3 ||G_bptt||)`` (``analysis.compare_gradients``).
 Parameters whose BPTT gradient is under that floor, such as conv biases that feed a
-BatchNorm (their true gradient is zero), are marked ``structurally_zero``. The JSON holds
+BatchNorm (their true gradient is zero), are marked ``structurally_zero``: their error is
+rounding noise, left out of ``max_rel_err`` and given as ``max_zero_err``, relative to the
+whole gradient's norm. The JSON holds
 every figure per parameter and per layer, with absolute gradient norms and the arguments.
 """
 from __future__ import annotations
@@ -217,7 +219,8 @@ def print_table(results):
           f"{'hidden cos med/min':>19} {'hidden norm med/min':>20} {'max_rel_err':>11}  "
           f"worst parameter")
     for r in results:
-        worst = max(r["per_param"], key=lambda p: p["rel_err"])["name"]
+        worst = max((p for p in r["per_param"] if not p["structurally_zero"]),
+                    key=lambda p: p["rel_err"], default={"name": "-"})["name"]
         h = r["hidden"]
         print(f"{r['method']:<8} {r['step_mode']:<7} {r['T']:>3} {r['dtype']:>9}  "
               f"{r['cosine']:>9.6f} {r['norm_ratio']:>10.6f} "
@@ -226,9 +229,11 @@ def print_table(results):
               f"{r['max_rel_err']:>11.3e}  {worst}")
     zero = [p["name"] for p in results[0]["per_param"] if p["structurally_zero"]] if results else []
     if zero:
+        worst_zero = max(r["max_zero_err"] for r in results)
         print(f"structurally zero (BPTT gradient under {analysis.REL_ERR_FLOOR:g} of the whole "
-              f"gradient's norm, rel_err taken against that floor): {len(zero)} parameters, "
-              f"e.g. {', '.join(zero[:3])}")
+              f"gradient's norm; left out of max_rel_err): {len(zero)} parameters, e.g. "
+              f"{', '.join(zero[:3])}; their largest error is {worst_zero:.1e} of the whole "
+              f"gradient's norm (max_zero_err)")
     if results:
         print(f"hidden: {results[0]['hidden']['layers']} layers; readout "
               f"{results[0]['hidden']['readout']!r} left out")

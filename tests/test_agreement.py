@@ -27,9 +27,13 @@ def test_rel_err_is_floored_and_structurally_zero_parameters_are_marked():
     result = analysis.compare_gradients(noisy, ref)
     by_name = {p["name"]: p for p in result["per_param"]}
     assert by_name["bias"]["structurally_zero"] and not by_name["kernel"]["structurally_zero"]
-    assert result["max_rel_err"] == pytest.approx(4e-9 / 1e-2)  # without the floor: 2.0
+    assert by_name["bias"]["rel_err"] == pytest.approx(4e-9 / 1e-2)  # without the floor: 2.0
+    assert result["max_rel_err"] == 0.0  # the kernel's; the bias is structurally zero
+    assert result["max_zero_err"] == pytest.approx(4e-9 / 10)
     wrong = {"kernel": jnp.ones(100) * 1.5, "bias": jnp.full(4, 1e-9)}
     assert analysis.compare_gradients(wrong, ref)["max_rel_err"] == pytest.approx(0.5)
+    broken_zero = {"kernel": jnp.ones(100), "bias": jnp.full(4, 0.5)}
+    assert analysis.compare_gradients(broken_zero, ref)["max_zero_err"] == pytest.approx(0.1)
     assert result["norm_ref"] == pytest.approx(10.0)
 
 

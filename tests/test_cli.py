@@ -24,12 +24,20 @@ def test_compare_gradients_json_has_the_documented_fields(tmp_path):
     assert [(r["method"], r["step_mode"], r["T"]) for r in results] == [
         ("rate", "multi", 1), ("rate", "multi", 3)]
     for r in results:
-        assert {"method", "step_mode", "T", "reset", "cosine", "norm_ratio", "max_rel_err",
-                "per_param"} <= r.keys()
-        assert {"name", "cosine", "norm_ratio", "rel_err"} <= r["per_param"][0].keys()
-        assert r["max_rel_err"] == max(p["rel_err"] for p in r["per_param"])
+        assert {"method", "step_mode", "T", "reset", "cosine", "norm_ratio", "norm",
+                "norm_ref", "max_rel_err", "max_zero_err", "per_param", "per_layer",
+                "hidden"} <= r.keys()
+        assert {"name", "cosine", "norm_ratio", "norm", "norm_ref", "rel_err",
+                "structurally_zero"} <= r["per_param"][0].keys()
+        assert r["max_rel_err"] == max(p["rel_err"] for p in r["per_param"]
+                                       if not p["structurally_zero"])
+        # vgg_tiny's conv biases feed BatchNorms: their true gradient is zero.
+        assert {p["name"] for p in r["per_param"] if p["structurally_zero"]} == {
+            "features.0.conv.bias", "features.2.conv.bias"}
     assert results[0]["max_rel_err"] < 1e-5 and results[0]["cosine"] > 1 - 1e-6
-    assert "cosine" in proc.stdout
+    assert results[0]["max_zero_err"] < 1e-6
+    assert json.loads(out.read_text())["args"]["model"] == "vgg_tiny"
+    assert "cosine" in proc.stdout and "structurally zero" in proc.stdout
 
 
 @pytest.mark.parametrize("args,message", [

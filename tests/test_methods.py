@@ -24,8 +24,10 @@ def test_rate_gradient_equals_bptt_at_T1(tiny_name, reset, step_mode):
         (loss_r, aux_r), g_rate = grads_of("rate", net, params, stats, batch, T=1,
                                            step_mode=step_mode, rate_grad_scale=scale)
         assert rel_err(g_rate, g_bptt) <= 1e-5
-        # Per parameter too, each against the floor of compare_gradients.py (issue 14).
-        assert analysis.compare_gradients(g_rate, g_bptt)["max_rel_err"] <= 1e-5
+        # Per parameter too, each against the floor of compare_gradients.py; parameters with
+        # a zero true gradient (conv biases feeding BatchNorm) to rounding of the whole.
+        per_param = analysis.compare_gradients(g_rate, g_bptt)
+        assert per_param["max_rel_err"] <= 1e-5 and per_param["max_zero_err"] <= 1e-6
         np.testing.assert_allclose(loss_r, loss_b, rtol=1e-6)
         chex.assert_trees_all_close(aux_r["batch_stats"], aux_b["batch_stats"], rtol=1e-6)
     # Both gradients are non-trivial: spikes happened and the comparison means something.
