@@ -104,17 +104,33 @@ def run_reference_step(vec: dict, keys, dtype=np.float32):
     return float(loss), np.asarray(aux["logits"]), grads_sd, buffers_sd
 
 
-def check_file(path: str, keys_dir: str | None = None, dtype=np.float32) -> dict:
-    """Compare one vector file. Returns ``{"file", "dtype", "loss" (ours), "loss_rel_err",
-    "logits_max_abs_err", "worst_param", "worst_dev", "worst_buffer", "worst_buffer_dev",
-    "pass"}``."""
+CONFIG_FIELDS = ("arch", "seed", "batch", "image_size", "num_classes", "step_mode",
+                 "method", "T", "reset", "rate_grad_scale")
+
+
+def load_vector(path: str, keys_dir: str | None = None) -> tuple[dict, list]:
+    """A vector file and its architecture's keys (``keys_<arch>.txt`` next to it, or in
+    ``keys_dir``)."""
     with open(path) as f:
         vec = json.load(f)
+    vec["file"] = os.path.basename(path)
     keys_path = os.path.join(keys_dir or os.path.dirname(path), f"keys_{vec['arch']}.txt")
-    keys = read_keys(keys_path)
-    index = {name: i for i, (name, *_rest) in enumerate(keys)}
-    loss, logits, grads_sd, buffers_sd = run_reference_step(vec, keys, dtype)
+    return vec, read_keys(keys_path)
 
+
+def step_config(vec: dict) -> dict:
+    """The fields that define a vector's step: two files with equal configs (the float32
+    and float64 sets) describe the same step, so one run of ours serves both."""
+    return {k: vec[k] for k in CONFIG_FIELDS}
+
+
+def compare(vec: dict, keys, step, dtype=np.float32) -> dict:
+    """The vectors' README's rule applied to our ``step`` (``run_reference_step``'s
+    output). Returns ``{"file", "dtype", "loss" (ours), "loss_rel_err",
+    "logits_max_abs_err", "worst_param", "worst_dev", "worst_buffer", "worst_buffer_dev",
+    "pass"}``."""
+    loss, logits, grads_sd, buffers_sd = step
+    index = {name: i for i, (name, *_rest) in enumerate(keys)}
     grad_norm_max = max(g["norm"] for g in vec["grads"].values())
     devs = {}
     for name, ref in vec["grads"].items():
@@ -131,9 +147,15 @@ def check_file(path: str, keys_dir: str | None = None, dtype=np.float32) -> dict
     passed = (loss_rel_err <= LOSS_RTOL and logits_err <= LOGITS_ATOL
               and devs[worst] <= DEV_TOL
               and (worst_buffer is None or buffer_devs[worst_buffer] <= DEV_TOL))
-    return {"file": os.path.basename(path), "dtype": np.dtype(dtype).name,
+    return {"file": vec["file"], "dtype": np.dtype(dtype).name,
             "loss": float(loss), "loss_rel_err": loss_rel_err,
             "logits_max_abs_err": logits_err, "worst_param": worst, "worst_dev": devs[worst],
             "worst_buffer": worst_buffer,
             "worst_buffer_dev": buffer_devs[worst_buffer] if worst_buffer else None,
             "pass": bool(passed)}
+
+
+def check_file(path: str, keys_dir: str | None = None, dtype=np.float32) -> dict:
+    """Run and compare one vector file (see :func:`compare`)."""
+    vec, keys = load_vector(path, keys_dir)
+    return compare(vec, keys, run_reference_step(vec, keys, dtype), dtype)

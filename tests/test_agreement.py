@@ -12,6 +12,7 @@ import pytest
 
 from ratebp_jax import agreement, analysis, methods, models, train
 
+from conftest import grads_of, jit_unoptimised
 from test_train import ROOT, _final_params, tiny_config
 
 METHODS = ("rate", "sltt", "ottt")
@@ -69,13 +70,13 @@ def test_hidden_summary_leaves_out_the_readout():
 def test_device_sums_give_the_same_figures_as_the_host_comparison():
     net, params, stats = methods.split_model(models.create_model("vgg_tiny", image_size=8))
     batch = analysis.random_batch(jax.random.key(1), 4, 8, 3, 10)
-    fn = jax.jit(agreement.make_agreement_fn(net, ("rate",), T=4, step_mode="multi"))
+    fn = jit_unoptimised(agreement.make_agreement_fn(net, ("rate",), T=4, step_mode="multi"))
     layers = analysis.layer_groups(net, params, stats, (8, 8, 3))
     record, = agreement.records_from_sums(
         jax.device_get(fn(params, stats, batch)), layers,
         [n for n, _ in analysis.named_leaves(params)], step=0, T=4, step_mode="multi")
-    g_rate = jax.jit(methods.make_grad_fn("rate", net, T=4))(params, stats, batch)[1]
-    g_bptt = jax.jit(methods.make_grad_fn("bptt", net, T=4))(params, stats, batch)[1]
+    g_rate = grads_of("rate", net, params, stats, batch, T=4)[1]
+    g_bptt = grads_of("bptt", net, params, stats, batch, T=4)[1]
     host = analysis.compare_gradients(g_rate, g_bptt, layers)
     assert record["cosine"] == pytest.approx(host["cosine"], abs=1e-6)
     assert record["cosine"] < 0.9999  # T=4: not exact, so the comparison means something

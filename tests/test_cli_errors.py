@@ -22,6 +22,7 @@ EXPERIMENTS = os.path.join(ROOT, "experiments")
 VECTORS = os.path.join(ROOT, "tests", "data", "reference_vectors")
 sys.path.insert(0, EXPERIMENTS)
 import accuracy_benchmark  # noqa: E402
+import against_torch  # noqa: E402
 import benchmark  # noqa: E402
 import check_reference  # noqa: E402
 import cli_errors  # noqa: E402
@@ -34,7 +35,7 @@ import pool_ties  # noqa: E402
 import run_notebooks  # noqa: E402
 import xla_options  # noqa: E402
 
-SCRIPTS = {m.__name__: m for m in (accuracy_benchmark, benchmark, check_reference,
+SCRIPTS = {m.__name__: m for m in (accuracy_benchmark, against_torch, benchmark, check_reference,
                                    compare_gradients, conv_throughput, device_report,
                                    loop_overhead, pipeline_throughput, pool_ties,
                                    run_notebooks, xla_options)}
@@ -140,6 +141,11 @@ CASES = [
     ("xla_options", ["--T", "0"], "--T=0"),
     ("xla_options", ["--repeats", "two"], "--repeats"),
     ("xla_options", ["--json", "{tmp}/missing/x.json"], ("--json=", "does not exist")),
+    ("against_torch", ["--batch", "0"], "--batch=0: must be an integer >= 1"),
+    ("against_torch", ["--T", "x"], "--T: invalid int value"),
+    ("against_torch", ["--torch-python", "{tmp}/no/python"], ("--torch-python=",
+                                                              "no such executable")),
+    ("against_torch", ["--json", "{tmp}"], ("--json=", "is a directory")),
     ("loop_overhead", ["--model", "vgg_tnyi"], ("--model='vgg_tnyi'", "did you mean")),
     ("loop_overhead", ["--epochs", "1"], "--epochs=1: must be an integer >= 2"),
     ("loop_overhead", ["--examples", "10"], "--examples=10: must be an integer >= 64"),

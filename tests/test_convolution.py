@@ -83,3 +83,37 @@ def test_kernel_gradient_in_a_loop_compiles_to_canonical_convolutions():
         lambda x, w: lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=NHWC))
     assert ours == {"b01f_01io->b01f"}, ours
     assert jaxs != {"b01f_01io->b01f"}, "XLA no longer needs this workaround"
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad", CASES)
+def test_float64_convolution_as_dots_equals_jax_convolution(size, kernel, stride, pad):
+    """Float64 on the CPU goes through ``conv_as_dots``: value, input gradient and kernel
+    gradient equal XLA's own float64 convolution to float64 rounding."""
+    with jax.enable_x64():
+        x, w = (a.astype(jnp.float64) for a in _operands(size, kernel, seed=2))
+        dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+        padding = ((pad, pad), (pad, pad))
+        y, vjp = jax.vjp(lambda x, w: convolution.conv_general_dilated(
+            x, w, (stride, stride), padding, dimension_numbers=dn), x, w)
+        y_ref, vjp_ref = jax.vjp(lambda x, w: lax.conv_general_dilated(
+            x, w, (stride, stride), padding, dimension_numbers=NHWC), x, w)
+        g = jax.random.normal(jax.random.key(3), y.shape, jnp.float64)
+        assert y.dtype == jnp.float64
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(vjp(g), vjp_ref(g)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float64_convolution_compiles_to_dots_on_cpu_and_float32_to_a_convolution():
+    x, w = _operands(8, 3)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+    def hlo(x, w):
+        f = jax.grad(lambda x, w: jnp.sum(convolution.conv_general_dilated(
+            x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn) ** 2), argnums=(0, 1))
+        return jax.jit(f).lower(x, w).compile().as_text()
+
+    assert "convolution(" in hlo(x, w)
+    with jax.enable_x64():
+        text = hlo(x.astype(jnp.float64), w.astype(jnp.float64))
+    assert "convolution(" not in text and "dot(" in text

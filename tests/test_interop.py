@@ -18,39 +18,43 @@ FILES = sorted(os.path.basename(f) for f in glob.glob(os.path.join(VECTORS, "*_s
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_training_step_matches_reference_vector(name):
-    """Our float32 step matches the reference's float32 numbers, except where a membrane
-    sits on the threshold within float32 rounding. Which files have such a tie depends on
-    the CPU's float32 arithmetic: on the machine these vectors were first checked on, one
-    spike of 524,288 in ResNet-18's layer1.0 (multi step, T=4) flips and BatchNorm amplifies
-    it; on an AMD EPYC three VGG-SNN steps flip a spike too. A tie is recognised by its
-    cause: our own float32 loss then differs from our float64 loss (rounding alone moved a
-    spike), and in float64 our step matches the reference (loss to about 3e-8)."""
-    path = os.path.join(VECTORS, name)
-    result = parity.check_file(path)
+def test_step_matches_the_reference_in_float32_and_float64(name):
+    """One file of each set (``data/reference_vectors``, float32, and
+    ``data/reference_vectors_f64``, the same step run by the reference in float64).
+
+    * Float64 against float64, where no membrane sits on a rounding tie: the worst
+      deviation is at most 1e-5 and the loss agrees to 1e-6.
+    * Float32 against float32 matches (loss 1e-5, worst deviation 1e-3), except where a
+      membrane sits on the threshold within float32 rounding. Which files have such a tie
+      depends on the CPU's float32 arithmetic: on the machine these vectors were first
+      checked on, one spike of 524,288 in ResNet-18's layer1.0 (multi step, T=4) flips
+      and BatchNorm amplifies it; on an AMD EPYC three VGG-SNN steps flip a spike too. A
+      tie is recognised by its cause: our float32 loss then differs from our float64 loss
+      (rounding alone moved a spike), and our float64 step matches the float32 reference
+      (loss to 1e-6).
+
+    The two files describe the same step (checked), so our float64 step runs once for
+    both; a file per test, so that the test workers share them."""
+    vec32, keys = parity.load_vector(os.path.join(VECTORS, name))
+    vec64, _ = parity.load_vector(os.path.join(VECTORS_F64, name))
+    assert parity.step_config(vec32) == parity.step_config(vec64)
+    with enable_x64():
+        ours64 = parity.run_reference_step(vec64, keys, np.float64)
+    exact = parity.compare(vec64, keys, ours64, np.float64)
+    assert exact["pass"] and exact["worst_dev"] <= 1e-5, exact
+    assert exact["loss_rel_err"] <= 1e-6, exact
+
+    result = parity.compare(vec32, keys, parity.run_reference_step(vec32, keys))
     if result["pass"]:
         assert result["loss_rel_err"] <= 1e-5 and result["worst_dev"] <= 1e-3
         return
-    with enable_x64():
-        exact = parity.check_file(path, dtype=np.float64)
-    assert exact["pass"] and exact["loss_rel_err"] <= 1e-6, exact
+    exact_vs_float32 = parity.compare(vec32, keys, ours64, np.float64)
+    assert exact_vs_float32["pass"] and exact_vs_float32["loss_rel_err"] <= 1e-6, (
+        exact_vs_float32)
     own_rounding = abs(result["loss"] - exact["loss"]) / abs(exact["loss"])
     assert own_rounding > parity.LOSS_RTOL, (
         f"float32 misses the reference ({result}) although it agrees with our float64 step: "
         f"not a rounding tie")
-
-
-@pytest.mark.parametrize("name", FILES)
-def test_float64_step_matches_the_float64_reference_vector_tightly(name):
-    """The same 21 steps run by the reference in float64 (``data/reference_vectors_f64``,
-    where no membrane sits on a rounding tie), computed as ``check_reference.py --float64``
-    does: each matches to 1e-5 (worst deviation) and 1e-6 (loss). With the float32 test
-    above this shows that the float32 misses are rounding ties, not a difference in the
-    method. One file per test, so that the test workers share them."""
-    with enable_x64():
-        result = parity.check_file(os.path.join(VECTORS_F64, name), dtype=np.float64)
-    assert result["pass"] and result["worst_dev"] <= 1e-5, result
-    assert result["loss_rel_err"] <= 1e-6, result
 
 
 def test_check_reference_float64_cli_reports_every_file(tmp_path):

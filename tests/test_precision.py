@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from ratebp_jax import analysis, layers, methods, models
 
-from conftest import rel_err, tiny_setup
+from conftest import jit_unoptimised, rel_err, tiny_setup
 
 BF16 = "bfloat16"
 STEP_MODES = ("multi", "single")
@@ -25,14 +25,6 @@ def with_compute_dtype(net, params, batch_stats, compute_dtype):
     model = net.merge(params, batch_stats)
     models.set_compute_dtype(model, compute_dtype)
     return methods.split_model(model)[0]
-
-
-def jit_unoptimised(fn):
-    """``jax.jit`` at LLVM optimisation level 0, which compiles these tiny programs in about
-    60% of the time. They run once, and their results are compared only with each other
-    (within one program), so how fast the code runs and how LLVM orders float operations do
-    not matter. Not for the memory test, which measures the real compilation."""
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def float_dtypes(tree):

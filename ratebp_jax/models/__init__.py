@@ -150,16 +150,28 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
     initialiser's partitionable threefry in 3 to 10 s (0.4 to 0.8 s otherwise), so this
     one choice takes a tiny model's construction from about 15 s to 2 s. Parameters are
     created replicated, so the partitionable variant's sharding benefit does not apply.
+    The construction runs under one ``nnx.jit``: one compiled program instead of one per
+    initialiser and shape, with bit-identical weights; resnet18_tiny builds in 1.9 s
+    against 3.5 s, ResNet-18 in 5.1 s against 6.8 s. A factory that needs concrete
+    values while it builds (a ``ConcretizationTypeError`` under the trace) runs eagerly.
     """
     factory = resolve(name)
     _check_compute_dtype(compute_dtype)
     check_pool_ties(pool_ties)
-    with jax.threefry_partitionable(False):
+
+    def build():
         model = factory(num_classes=num_classes, in_channels=in_channels,
                         image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed))
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"model={name!r}: the factory returned a {type(model).__name__}, "
-                        f"not an nnx.Module")
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"model={name!r}: the factory returned a "
+                            f"{type(model).__name__}, not an nnx.Module")
+        return model
+
+    with jax.threefry_partitionable(False):
+        try:
+            model = nnx.jit(build)()
+        except jax.errors.ConcretizationTypeError:  # a factory that needs concrete values
+            model = build()
     return set_pool_ties(set_compute_dtype(model, compute_dtype), pool_ties)
 
 
