@@ -96,7 +96,8 @@ def run_side(python: str, side: str, args) -> dict:
                           capture_output=True, text=True, check=False)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ValueError(f"--torch-python={python}: the {side} side failed: {last}")
+        who = f"--torch-python={python}" if side == "torch" else "our side"
+        raise ValueError(f"{who}: the {side} side failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
