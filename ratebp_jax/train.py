@@ -233,13 +233,17 @@ def data_parallel(mesh):
     """
     replicated = NamedSharding(mesh, P())
 
+    def sharding(x):
+        batch_axis = 1 if x.ndim == 5 else 0  # event batches are [T, B, ...]
+        spec = [None] * x.ndim
+        spec[batch_axis] = "data"
+        return NamedSharding(mesh, P(*spec))
+
     def shard(batch):
-        def put(x):
-            batch_axis = 1 if x.ndim == 5 else 0  # event batches are [T, B, ...]
-            spec = [None] * x.ndim
-            spec[batch_axis] = "data"
-            return jax.make_array_from_process_local_data(NamedSharding(mesh, P(*spec)), x)
-        return jax.tree.map(put, batch)
+        if jax.process_count() == 1:  # the local batch is the global one: one transfer call
+            return jax.device_put(batch, jax.tree.map(sharding, batch))
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding(x), x), batch)
 
     return replicated, shard
 

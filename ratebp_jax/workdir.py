@@ -94,6 +94,19 @@ def completed_summary(workdir: str, total_steps: int) -> dict | None:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def async_checkpoints() -> bool:
+    """Whether orbax writes checkpoints in the background while training goes on.
+
+    Yes on an accelerator, where the host's cores are free to write while the device
+    computes. Not on the CPU backend, whose "device" is those same cores: there the
+    background write competes with the training steps it should overlap (vgg_tiny on 2
+    cores: the epoch after an asynchronous save ran 140 to 180 steps/s, after a synchronous
+    one 175 to 215, and the whole run was no slower; docs/RESULTS.md section 12). Not with
+    several processes either: two managers' asynchronous saves at the same step were seen
+    to deadlock in orbax's cross-process barriers (gloo, CPU)."""
+    return jax.process_count() == 1 and jax.default_backend() != "cpu"
+
+
 def checkpoint_managers(workdir: str, keep: int, *, create: bool = True):
     """``latest`` (resume) and ``best`` (highest test accuracy) orbax managers. Orbax writes
     to a temporary directory and renames it on commit, so a killed run never leaves a
@@ -102,13 +115,11 @@ def checkpoint_managers(workdir: str, keep: int, *, create: bool = True):
     def manager(folder, max_to_keep):
         # The handler is named up front so that a fresh manager can read a checkpoint's
         # metadata (check_fits) before anything has been saved or restored through it.
-        # Several processes save synchronously: two managers' asynchronous saves at the
-        # same step were seen to deadlock in orbax's cross-process barriers (gloo, CPU).
         return ocp.CheckpointManager(
             os.path.join(workdir, folder), item_handlers=ocp.StandardCheckpointHandler(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=create,
-                enable_async_checkpointing=jax.process_count() == 1))
+                enable_async_checkpointing=async_checkpoints()))
     return manager("checkpoints", keep), manager("best", 1)
 
 
