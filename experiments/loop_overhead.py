@@ -1,15 +1,16 @@
 """The training loop's overhead: its steps/s against a bare loop of the same jitted step.
 
     python experiments/loop_overhead.py [--model vgg_tiny] [--examples 8192] [--epochs 3] \
-        [--json PATH]
+        [--rounds 3] [--json PATH]
 
 Trains the default config (with ``--model``) through ``train.train_and_evaluate`` on random
 8x8 digits-shaped images (an npz of ``--examples``, so that an epoch is long enough for its
 evaluation and checkpoints not to dominate), and takes the loop's steps/s from the epochs
 after the first (the first compiles). Then it runs a bare Python loop of the same jitted,
 state-donating train step over the same epochs' batches, already on the device, and blocks
-once at the end: the ceiling for any loop. Both run in this one process, so the ratio is of
-one machine state.
+once at the end: the ceiling for any loop. Both run in this one process, alternately
+``--rounds`` times (a small machine's speed drifts by 10 to 20% between runs), and the
+figure is the median of the rounds' ratios.
 """
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ def parse_args(argv=None):
                    help="training examples of the random dataset (batch 64)")
     p.add_argument("--epochs", type=int, default=3,
                    help="epochs to train; the first (compilation) is not timed")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="times to run the loop and the bare loop, alternately")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     cli_errors.check_choices("--model", [args.model], models.MODELS)
     cli_errors.check_int("--epochs", args.epochs, 2)
+    cli_errors.check_int("--rounds", args.rounds, 1)
     cli_errors.check_int("--examples", args.examples, 64)
     cli_errors.check_output_path("--json", args.json)
     return args
@@ -91,16 +95,22 @@ def bare_steps_per_s(config) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    rounds = []
     with tempfile.TemporaryDirectory() as folder:
         config = config_for(args, folder)
-        loop, bare = loop_steps_per_s(config), bare_steps_per_s(config)
+        for _ in range(args.rounds):
+            loop, bare = loop_steps_per_s(config), bare_steps_per_s(config)
+            rounds.append({"loop_steps_per_s": loop, "bare_steps_per_s": bare,
+                           "loop_over_bare": loop / bare})
+            print(f"{args.model}, batch {config.batch_size}, T={config.T}: training loop "
+                  f"{loop:.1f} steps/s, bare jitted loop {bare:.1f} steps/s, ratio "
+                  f"{loop / bare:.3f}")
+    ratio = float(np.median([r["loop_over_bare"] for r in rounds]))
     result = {"model": args.model, "examples": args.examples, "T": config.T,
-              "batch_size": config.batch_size,
-              "epochs_timed": args.epochs - 1, "loop_steps_per_s": loop,
-              "bare_steps_per_s": bare, "loop_over_bare": loop / bare,
+              "batch_size": config.batch_size, "epochs_timed": args.epochs - 1,
+              "rounds": rounds, "loop_over_bare": ratio,
               "device": jax.devices()[0].device_kind}
-    print(f"{args.model}, batch {config.batch_size}, T={config.T}: training loop "
-          f"{loop:.1f} steps/s, bare jitted loop {bare:.1f} steps/s, ratio {loop / bare:.3f}")
+    print(f"median ratio over {args.rounds} rounds: {ratio:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

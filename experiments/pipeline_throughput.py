@@ -6,7 +6,7 @@
 Runs crop + flip + AutoAugment + Cutout + standardisation on random uint8 CIFAR-shaped
 images through ``train_iterator``, the grain pipeline training reads (no dataset download
 needed), once for each worker count, so the figures can be set against a device's training
-throughput. ``--workers 0`` prepares batches on one background thread of this process; N >= 1
+throughput. ``--workers 0`` builds the batches in this process's thread; N >= 1
 in N worker processes. One batch more than ``--images`` is prepared first and not timed: it
 waits for the workers to start (seconds: each imports grain and jax).
 """
@@ -53,8 +53,8 @@ def measure(dataset: pipeline.Dataset, batch: int, steps: int, workers: int) -> 
 def main(argv=None):
     p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
-                   help="worker process counts to measure, each >= 0 (0: a thread of this "
-                        "process)")
+                   help="worker process counts to measure, each >= 0 (0: built in line in "
+                        "this process)")
     p.add_argument("--images", type=int, default=20000,
                    help="random images to time per worker count, >= --batch")
     p.add_argument("--batch", type=int, default=128, help="images per batch, >= 1")

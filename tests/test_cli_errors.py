@@ -149,6 +149,7 @@ CASES = [
     ("loop_overhead", ["--model", "vgg_tnyi"], ("--model='vgg_tnyi'", "did you mean")),
     ("loop_overhead", ["--epochs", "1"], "--epochs=1: must be an integer >= 2"),
     ("loop_overhead", ["--examples", "10"], "--examples=10: must be an integer >= 64"),
+    ("loop_overhead", ["--rounds", "0"], "--rounds=0: must be an integer >= 1"),
     ("loop_overhead", ["--json", "{tmp}"], ("--json=", "is a directory")),
     ("device_report", [], "BENCH_JSON"),
     ("device_report", ["a.json", "--batch", "0"], "--batch=0: must be an integer >= 1"),

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment = True
     c.augment_flip = False  # npz only: random horizontal flip (when augment is true)
     c.augment_crop_padding = 0  # npz only: random crop after zero padding by this many pixels
-    c.data_workers = 0  # grain worker processes preparing batches; 0: one thread in-process
+    c.data_workers = 0  # grain worker processes preparing batches; 0: built in line
 
     # ---- model and neurons
     c.model = "vgg_small"  # a name in ratebp_jax.models.MODELS, or your own: package.module:Factory

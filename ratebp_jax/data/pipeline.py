@@ -8,9 +8,9 @@ batches an uninterrupted run would. On several hosts each process reads only its
 of every global batch.
 
 ``train_iterator`` is what the trainer reads: the batches of global steps ``start_step ..
-total_steps - 1``, prepared ahead by grain, on a background thread (``workers=0``) or in
-worker processes (``workers >= 1``; the augmentations hold the GIL, so threads do not
-scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one step of
+total_steps - 1``, through grain: built on demand in the calling thread (``workers=0``) or
+prepared ahead in worker processes (``workers >= 1``; the augmentations hold the GIL, so
+threads do not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one step of
 ``Dataset.train_batches``), so the result does not depend on the number of workers and the
 step alone is the iterator's whole state.
 """
@@ -126,9 +126,9 @@ def train_batch(dataset: Dataset, step: int, *, batch_size: int, seed: int,
                                       process_count=process_count))
 
 
-# Batches each worker (or, with workers=0, the background thread) holds ready: enough to hide
-# one slow batch, few enough that ImageNet batches (150 MB as float32) fit in memory. A worker
-# also has one in progress, so W workers hold about 3 W batches.
+# Batches each worker holds ready: enough to hide one slow batch, few enough that ImageNet
+# batches (150 MB as float32) fit in memory. A worker also has one in progress, so W
+# workers hold about 3 W batches.
 AHEAD = 2
 
 
@@ -146,8 +146,9 @@ def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps:
                    workers: int = 0) -> "TrainIterator":
     """The batches of global steps ``start_step .. total_steps - 1``, across epochs, each
     exactly as :func:`train_batch` (and so ``Dataset.train_batches``) defines it, whatever
-    ``workers`` is. ``workers=0`` prepares them on one background thread in this process;
-    ``workers >= 1`` in that many grain worker processes. Close it (or use ``with``) to stop
+    ``workers`` is. ``workers=0`` builds each batch in this thread when it is asked for
+    (see :func:`_grain_steps` for why no thread); ``workers >= 1`` prepares them ahead in
+    that many grain worker processes. Close it (or use ``with``) to stop
     the workers; ``get_state()`` / ``set_state()`` checkpoint and restore its position."""
     for name, value, low in (("batch_size", batch_size, 1), ("total_steps", total_steps, 0),
                              ("start_step", start_step, 0), ("workers", workers, 0)):
@@ -226,7 +227,7 @@ class TrainIterator:
         self._step = int(step)
 
     def close(self) -> None:
-        """Stop grain's thread or worker processes (a later ``next()`` starts them again)."""
+        """Stop grain's worker processes, if any (a later ``next()`` starts them again)."""
         if self._grain is not None:
             grain_iterator, self._grain = self._grain, None
             grain_iterator.close()
@@ -244,18 +245,23 @@ def _grain_steps(batch_at: Callable[[int], dict], start: int, stop: int,
 
     ``mp_prefetch`` gives worker ``w`` of ``W`` the steps ``start + w, start + w + W, ...``
     and reads the workers round-robin, so the order is the steps' whatever ``W`` is.
+
+    With ``workers=0`` there is no background thread: JAX dispatches a step
+    asynchronously, so the trainer already builds the next batch while the device computes
+    this step, and a Python thread only adds GIL hand-overs. On the CPU backend, whose cores
+    are the device, one grain thread made the training loop slower (vgg_tiny, 2 cores:
+    116 to 193 steps/s against 154 to 238 built in line; docs/RESULTS.md section 12).
     """
-    steps = grain.MapDataset.range(start, stop).map(batch_at)
+    in_line = grain.MapDataset.range(start, stop).map(batch_at).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if workers == 0:
-        return steps.to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                       prefetch_buffer_size=AHEAD))
+        return in_line
     _prepare_grain_workers()
     # Inside a worker no threads: its process loop computes one batch at a time into a queue
     # of AHEAD - 1, and grain's reader thread for it in this process holds one more.
-    return steps.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)) \
-        .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                  per_worker_buffer_size=AHEAD - 1),
-                     worker_init_fn=_ignore_stop_signals)
+    return in_line.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=AHEAD - 1),
+        worker_init_fn=_ignore_stop_signals)
 
 
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
