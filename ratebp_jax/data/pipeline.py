@@ -10,9 +10,9 @@ of every global batch.
 ``train_iterator`` is what the trainer reads: the batches of global steps ``start_step ..
 total_steps - 1``, through grain: built on demand in the calling thread (``workers=0``) or
 prepared ahead in worker processes (``workers >= 1``; the augmentations hold the GIL, so
-threads do not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one step of
-``Dataset.train_batches``), so the result does not depend on the number of workers and the
-step alone is the iterator's whole state.
+threads do not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one
+step of ``Dataset.train_batches``), so the result does not depend on the number of workers
+and the step alone is the iterator's whole state.
 """
 from __future__ import annotations
 
@@ -148,8 +148,8 @@ def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps:
     exactly as :func:`train_batch` (and so ``Dataset.train_batches``) defines it, whatever
     ``workers`` is. ``workers=0`` builds each batch in this thread when it is asked for
     (see :func:`_grain_steps` for why no thread); ``workers >= 1`` prepares them ahead in
-    that many grain worker processes. Close it (or use ``with``) to stop
-    the workers; ``get_state()`` / ``set_state()`` checkpoint and restore its position."""
+    that many grain worker processes. Close it (or use ``with``) to stop the workers;
+    ``get_state()`` / ``set_state()`` checkpoint and restore its position."""
     for name, value, low in (("batch_size", batch_size, 1), ("total_steps", total_steps, 0),
                              ("start_step", start_step, 0), ("workers", workers, 0)):
         if not _is_int(value) or value < low:
