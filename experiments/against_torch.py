@@ -31,7 +31,9 @@ HERE = os.path.abspath(__file__)
 
 
 def _median_call_s(fn, repeats: int) -> float:
-    fn()  # warm-up (and, for JAX, compilation)
+    """For the torch side, whose interpreter has no JAX (ours uses ``analysis.median_time``,
+    which times the same way: one warm-up call, then the median of ``repeats``)."""
+    fn()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -86,8 +88,7 @@ def ours_side(batch: int, T: int, repeats: int) -> dict:
     fn, args = analysis.inference_program(net, params, stats, images, T=T, step_mode="multi")
     compiled = jax.jit(fn).lower(*args).compile()
     return {"jax_version": jax.__version__,
-            "ours_infer_s": _median_call_s(
-                lambda: jax.block_until_ready(compiled(*args)), repeats)}
+            "ours_infer_s": analysis.median_time(compiled, *args, repeats=repeats)}
 
 
 def run_side(python: str, side: str, args) -> dict:
