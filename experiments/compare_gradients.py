@@ -11,16 +11,17 @@ one, or the best with ``--best``), on ``--batches`` real training batches withou
 augmentation, at the run's T and step mode unless ``--T``/``--step-modes`` say otherwise;
 the figures are averaged over the batches, per parameter and per layer.
 
-For every (method, step mode, T) it computes the BPTT reference at the same step mode, T and
-compute dtype, and prints the cosine similarity and norm ratio over all parameters, the same
-two figures over the hidden layers (median and minimum; the readout, exact for rate-BP at
-any T, left out), and the largest per-parameter relative error
-``||g - g_bptt|| / max(||g_bptt||, 1e-3 ||G_bptt||)`` (``analysis.compare_gradients``).
-Parameters whose BPTT gradient is under that floor, such as conv biases that feed a
-BatchNorm (their true gradient is zero), are marked ``structurally_zero``: their error is
-rounding noise, left out of ``max_rel_err`` and given as ``max_zero_err``, relative to the
-whole gradient's norm. The JSON holds
-every figure per parameter and per layer, with absolute gradient norms and the arguments.
+Convolutions and dots run at ``--precision`` (default ``highest``, full float32; see
+``PRECISIONS``). For every (method, step mode, T) it computes the BPTT reference at the same
+step mode, T and compute dtype, and prints the cosine similarity and norm ratio over all
+parameters, the same two figures over the hidden layers (median and minimum; the readout,
+exact for rate-BP at any T, left out), and the largest per-parameter relative error
+``||g - g_bptt|| / max(||g_bptt||, 1e-3 ||G_bptt||)`` (``analysis.compare_gradients``). Parameters
+whose BPTT gradient is under that floor, such as conv biases that feed a BatchNorm (their
+true gradient is zero), are marked ``structurally_zero``: their error is rounding noise,
+left out of ``max_rel_err`` and given as ``max_zero_err``, relative to the whole gradient's
+norm. The JSON holds every figure per parameter and per layer, with absolute gradient norms
+and the arguments.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ from ratebp_jax import analysis, methods, models, neurons
 from ratebp_jax.layers import STEP_MODES
 
 RANDOM_DEFAULTS = {"T": [1, 2, 4], "step_modes": ["multi", "single"]}
+# jax.default_matmul_precision's names. Full float32 is the default because JAX's default on
+# NVIDIA GPUs is TF32: on an H200, rate-BP against BPTT at T=1 then differed by 2.5e-4, not
+# ~1e-7 (docs/RESULTS.md, GPU section). CPUs compute float32 in full at any setting.
+PRECISIONS = ("default", "high", "highest")
 # Flags that describe the random model; with --workdir the run's config decides them.
 MODEL_FLAGS = ("model", "batch", "image_size", "num_classes", "in_channels", "dtype", "reset",
                "rate_grad_scale", "input_scale", "seed")
@@ -82,6 +87,10 @@ def parse_args(argv=None):
                         "default 1.0)")
     p.add_argument("--seed", type=int, default=None,
                    help="weights and batch, in [0, 2^32) (random mode; default 0)")
+    p.add_argument("--precision", default="highest",
+                   help=f"JAX's matmul precision for every convolution and dot, one of "
+                        f"{', '.join(PRECISIONS)} (default highest: full float32, so that the "
+                        f"figures describe the method and not a GPU's TF32 rounding)")
     p.add_argument("--json", default=None, help="write the full results here")
     return p.parse_args(argv)
 
@@ -255,7 +264,9 @@ def _json_safe(x):
 
 def main(argv=None):
     args = parse_args(argv)
-    results = compare(args)
+    cli_errors.check_choices("--precision", [args.precision], PRECISIONS)  # before it is set
+    with jax.default_matmul_precision(args.precision):
+        results = compare(args)
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:

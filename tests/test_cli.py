@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,23 @@ def test_compare_gradients_json_has_the_documented_fields(tmp_path):
     assert results[0]["max_rel_err"] < 1e-5 and results[0]["cosine"] > 1 - 1e-6
     assert results[0]["max_zero_err"] < 1e-6
     assert json.loads(out.read_text())["args"]["model"] == "vgg_tiny"
+    assert json.loads(out.read_text())["args"]["precision"] == "highest"
     assert "cosine" in proc.stdout and "structurally zero" in proc.stdout
+
+
+def test_compare_gradients_computes_at_the_precision_asked(monkeypatch):
+    """The whole comparison runs under --precision (default highest), which JAX reads when
+    it traces each convolution and dot."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import compare_gradients
+    seen = []
+    monkeypatch.setattr(compare_gradients, "compare",
+                        lambda args: seen.append(jax.config.jax_default_matmul_precision) or [])
+    monkeypatch.setattr(compare_gradients, "print_table", lambda results: None)
+    compare_gradients.main(["--precision", "high"])
+    compare_gradients.main([])
+    assert seen == ["high", "highest"]
+    assert jax.config.jax_default_matmul_precision is None  # restored afterwards
 
 
 @pytest.mark.parametrize("args,message", [

@@ -73,6 +73,7 @@ CASES = [
     ("compare_gradients", ["--json", "{tmp}"], ("--json=", "is a directory")),
     ("compare_gradients", ["--json", "{tmp}/missing/g.json"], ("--json=", "does not exist")),
     ("compare_gradients", ["--bogus"], "--bogus"),
+    ("compare_gradients", ["--precision", "tf32"], ("--precision='tf32'", "highest")),
     ("benchmark", ["--model", "alexnet"], "--model='alexnet'"),
     ("benchmark", ["--batch", "0"], "--batch=0"),
     ("benchmark", ["--image-size", "-8"], "--image-size=-8"),
