@@ -2,7 +2,8 @@
 # One accelerator, one script: ResNet-18 (CIFAR shape, batch 128) at T=4 and T=8, images/s
 # and XLA's compiled memory of rate-BP, BPTT, BPTT-remat and spike inference, in both step
 # modes, in float32 and bfloat16. Meant to finish in under 8 minutes on one GPU (32
-# compilations and 5 timed rounds each); --smoke runs the same path on CPU at a tiny size.
+# compilations and 5 timed rounds each; 200 s on one H200, docs/RESULTS.md's GPU section);
+# --smoke runs the same path on CPU at a tiny size.
 #
 #   bash experiments/device_benchmark.sh [--smoke] [--out DIR]     (default DIR: device_benchmark)
 #
