@@ -45,7 +45,7 @@ def test_compare_gradients_json_has_the_documented_fields(tmp_path):
 def test_compare_gradients_computes_at_the_precision_asked(monkeypatch):
     """The whole comparison runs under --precision (default highest), which JAX reads when
     it traces each convolution and dot."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
     import compare_gradients
     seen = []
     monkeypatch.setattr(compare_gradients, "compare",
