@@ -3,11 +3,32 @@ import os
 import shutil
 import tempfile
 
-import jax
-import jax.numpy as jnp
-import pytest
+# XLA:CPU's MLIR fusion emitters cost about 1.3 s of fixed work per compiled program: a tiny
+# model's gradient compiles in 0.5 to 0.65 s with the older elemental emitters against
+# 1.9 to 2.1 s with them, and the suite compiles hundreds of such programs (test_methods.py:
+# 1001 s of test time -> 557 s). Set here, before JAX starts a backend, so the test workers
+# and every script and notebook the tests start (they inherit the environment) use it. The
+# package does not set it for users: on ResNet-18 it compiles no faster and runs 5 to 14%
+# slower (docs/RESULTS.md, section 10). The emitters generate the same elementwise
+# arithmetic (XLA:CPU has no fast math), and test_xla_defaults.py checks that the package's
+# own settings and these agree on gradients, logits and spike inference.
+TEST_XLA_FLAGS = {"xla_cpu_use_fusion_emitters": "false"}
 
-from ratebp_jax import methods, models, neurons
+
+def with_test_xla_flags(flags: str) -> str:
+    """``flags`` (an ``XLA_FLAGS`` value) plus :data:`TEST_XLA_FLAGS` not already in it."""
+    given = {f.split("=", 1)[0].lstrip("-") for f in flags.split()}
+    extra = [f"--{k}={v}" for k, v in TEST_XLA_FLAGS.items() if k not in given]
+    return " ".join([f for f in [flags, *extra] if f])
+
+
+os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from ratebp_jax import methods, models, neurons  # noqa: E402
 
 IMAGE_SIZE = 8
 

@@ -25,7 +25,8 @@ def free_port() -> int:
 
 def main_py(workdir, steps, devices, extra=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+               f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "experiments", "main.py"), "--workdir", workdir,
          *FLAGS, f"--config.num_train_steps={steps}", *extra],

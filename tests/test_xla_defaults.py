@@ -9,6 +9,8 @@ import numpy as np
 
 import ratebp_jax
 
+from conftest import TEST_XLA_FLAGS, with_test_xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Prints the tiny model's rate-BP and BPTT gradients, logits and spike inference at T=2.
@@ -53,6 +55,18 @@ def test_defaults_are_appended_unless_given_or_turned_off():
     assert "XLA_FLAGS" not in env
 
 
+def assert_same_results(a, b):
+    """The rate-BP and BPTT losses, logits and gradients and the spike inference of two
+    ``run_program`` outputs agree to 1e-4 of each array's largest entry."""
+    for key in ("rate", "bptt", "inference"):
+        arrays_a = a[key] if key != "inference" else [a[key]]
+        arrays_b = b[key] if key != "inference" else [b[key]]
+        assert len(arrays_a) == len(arrays_b)
+        for x, y in zip(arrays_a, arrays_b):
+            x, y = np.asarray(x), np.asarray(y)
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * max(np.abs(y).max(), 1e-12))
+
+
 def test_defaults_leave_gradients_logits_and_inference_unchanged():
     """The defaults move convolutions from YNNPACK to XLA's Eigen convolution, whose sums run
     in another order: results agree to float32 rounding, not bit for bit. The check is
@@ -61,10 +75,16 @@ def test_defaults_leave_gradients_logits_and_inference_unchanged():
     with_defaults = run_program(XLA_FLAGS=None, RATEBP_JAX_NO_XLA_DEFAULTS=None)
     without = run_program(XLA_FLAGS=None, RATEBP_JAX_NO_XLA_DEFAULTS="1")
     assert with_defaults["xla_flags"] and not without["xla_flags"]
-    for key in ("rate", "bptt", "inference"):
-        a, b = with_defaults[key], without[key]
-        arrays = a if key != "inference" else [a]
-        arrays_b = b if key != "inference" else [b]
-        for x, y in zip(arrays, arrays_b):
-            x, y = np.asarray(x), np.asarray(y)
-            np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * max(np.abs(y).max(), 1e-12))
+    assert_same_results(with_defaults, without)
+
+
+def test_the_suites_xla_flags_give_what_users_get():
+    """The suite compiles with conftest.TEST_XLA_FLAGS (the older fusion emitters, for
+    compile time); users run the package's defaults alone. Both give the same numbers, so
+    what the suite checks holds for what users run."""
+    users = run_program(XLA_FLAGS=None, RATEBP_JAX_NO_XLA_DEFAULTS=None)
+    suites = run_program(XLA_FLAGS=with_test_xla_flags(""), RATEBP_JAX_NO_XLA_DEFAULTS=None)
+    for name, value in TEST_XLA_FLAGS.items():
+        assert f"--{name}={value}" in suites["xla_flags"]
+        assert name not in users["xla_flags"]
+    assert_same_results(suites, users)
