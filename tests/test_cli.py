@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,3 +136,24 @@ def test_device_benchmark_smoke_writes_every_program_in_both_modes_and_dtypes(tm
                          for program in ("infer", "rate", "bptt", "bptt_remat")}
     assert all(r["images_per_s"] > 0 and r["temp_bytes"] > 0 for r in rows.values())
     assert "images/s" in proc.stdout and result["batch"] == 4
+
+
+def test_loop_overhead_reports_every_epoch_and_both_ratios(monkeypatch, tmp_path):
+    """A tiny run of experiments/loop_overhead.py: every timed epoch of both loops is
+    recorded, and the two summary ratios are computed from them."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import loop_overhead
+    out = tmp_path / "loop.json"
+    loop_overhead.main(["--examples", "128", "--epochs", "3", "--rounds", "2",
+                        "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 2 and result["epochs_timed"] == 2
+    for r in result["rounds"]:
+        loop, bare = r["loop_epochs_steps_per_s"], r["bare_epochs_steps_per_s"]
+        assert len(loop) == len(bare) == 2 and min(loop + bare) > 0
+        assert r["loop_over_bare"] == pytest.approx(np.median(loop) / np.median(bare))
+    assert result["loop_over_bare"] == pytest.approx(
+        np.median([r["loop_over_bare"] for r in result["rounds"]]))
+    best_loop = max(s for r in result["rounds"] for s in r["loop_epochs_steps_per_s"])
+    best_bare = max(s for r in result["rounds"] for s in r["bare_epochs_steps_per_s"])
+    assert result["best_loop_over_best_bare"] == pytest.approx(best_loop / best_bare)
