@@ -79,10 +79,11 @@ def deviation(ours: dict, ref: dict, n: int, floor: float) -> float:
 NEURON_RESETS = {"soft": "soft", "soft_nodetach": "soft_nodetach", "hard": "hard"}
 
 
-def run_reference_step(vec: dict, keys, dtype=np.float32):
+def run_reference_step(vec: dict, keys, dtype=np.float32, compiler_options=None):
     """Our step on the file's configuration, computed in ``dtype`` (float64 needs
-    ``jax_enable_x64``). Returns ``(loss, logits, grads_sd, buffers_sd)`` with gradients and
-    buffers in the reference's names and layouts."""
+    ``jax_enable_x64``), compiled with XLA's ``compiler_options`` (``jax.jit``'s). Returns
+    ``(loss, logits, grads_sd, buffers_sd)`` with gradients and buffers in the reference's
+    names and layouts."""
     state_dict = rebuild_state_dict(keys, vec["seed"])
     channels = next(shape for _, shape, _, _ in keys if len(shape) == 4)[1]
     model = models.create_model(
@@ -98,7 +99,8 @@ def run_reference_step(vec: dict, keys, dtype=np.float32):
     batch["image"] = cast(batch["image"])
     grad_fn = methods.make_grad_fn(vec["method"], net, T=vec["T"], step_mode=vec["step_mode"],
                                    rate_grad_scale=vec["rate_grad_scale"])
-    (loss, aux), grads = jax.jit(grad_fn)(params, batch_stats, batch)
+    (loss, aux), grads = jax.jit(grad_fn, compiler_options=compiler_options)(
+        params, batch_stats, batch)
     grads_sd = interop.tree_to_reference(model, grads)
     buffers_sd = interop.tree_to_reference(model, aux["batch_stats"], buffers=True)
     return float(loss), np.asarray(aux["logits"]), grads_sd, buffers_sd
