@@ -15,14 +15,20 @@ import os as _os
 XLA_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
 
 
+def with_xla_flags(flags: str, settings: dict) -> str:
+    """``flags`` (an ``XLA_FLAGS`` value) with each of ``settings`` (name: value) appended
+    that it does not name already: a flag given there is left as it is."""
+    given = {f.split("=", 1)[0].lstrip("-") for f in flags.split()}
+    extra = [f"--{name}={value}" for name, value in settings.items() if name not in given]
+    return " ".join(([flags] if flags else []) + extra)
+
+
 def _set_xla_defaults(environ=_os.environ) -> None:
     if environ.get("RATEBP_JAX_NO_XLA_DEFAULTS") == "1":
         return
-    flags = environ.get("XLA_FLAGS", "")
-    given = {f.split("=", 1)[0].lstrip("-") for f in flags.split()}
-    extra = [f"--{name}={value}" for name, value in XLA_DEFAULTS.items() if name not in given]
-    if extra:
-        environ["XLA_FLAGS"] = " ".join(([flags] if flags else []) + extra)
+    flags = with_xla_flags(environ.get("XLA_FLAGS", ""), XLA_DEFAULTS)
+    if flags:
+        environ["XLA_FLAGS"] = flags
 
 
 _set_xla_defaults()

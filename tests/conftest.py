@@ -14,12 +14,12 @@ import tempfile
 # own settings and these agree on gradients, logits and spike inference.
 TEST_XLA_FLAGS = {"xla_cpu_use_fusion_emitters": "false"}
 
+import ratebp_jax  # noqa: E402  (starts no backend; appends the package's own flags)
+
 
 def with_test_xla_flags(flags: str) -> str:
     """``flags`` (an ``XLA_FLAGS`` value) plus :data:`TEST_XLA_FLAGS` not already in it."""
-    given = {f.split("=", 1)[0].lstrip("-") for f in flags.split()}
-    extra = [f"--{k}={v}" for k, v in TEST_XLA_FLAGS.items() if k not in given]
-    return " ".join([f for f in [flags, *extra] if f])
+    return ratebp_jax.with_xla_flags(flags, TEST_XLA_FLAGS)
 
 
 os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
