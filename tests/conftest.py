@@ -24,6 +24,12 @@ def with_test_xla_flags(flags: str) -> str:
 
 os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
+
+def xla_flags_with_host_devices(count: int) -> str:
+    """This process's ``XLA_FLAGS`` (the suite's flags included) for a subprocess with
+    ``count`` CPU devices; the count is appended last, so it wins over one given earlier."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402

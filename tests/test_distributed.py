@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 
+from conftest import xla_flags_with_host_devices
 from test_train import ROOT
 
 FLAGS = ["--config.model=vgg_tiny", "--config.T=2", "--config.batch_size=32",
@@ -25,8 +26,7 @@ def free_port() -> int:
 
 def main_py(workdir, steps, devices, extra=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-               f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags_with_host_devices(devices))
     return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "experiments", "main.py"), "--workdir", workdir,
          *FLAGS, f"--config.num_train_steps={steps}", *extra],

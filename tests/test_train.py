@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags_with_host_devices
 from ratebp_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,8 +135,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 
 def test_four_devices_give_the_same_step_as_one():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-               "--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags_with_host_devices(4))
     proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,8 +180,7 @@ def test_bad_config_is_one_line_error_without_traceback(tmp_path, args, message)
 
 def test_batch_not_divisible_by_device_count_is_one_line_error(tmp_path):
     proc = run_main("--workdir", str(tmp_path), "--config.batch_size=30",
-                    env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-                                  "--xla_force_host_platform_device_count=4"})
+                    env={"XLA_FLAGS": xla_flags_with_host_devices(4)})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
