@@ -9,7 +9,7 @@ from flax import nnx
 
 from ratebp_jax import layers, methods, neurons
 
-from conftest import grads_of, tiny_setup
+from conftest import grads_of, grads_of_each, tiny_setup
 
 BASELINES = [("sltt", {}), ("sltt_k", {"K": 1}), ("ottt", {})]
 
@@ -30,12 +30,13 @@ def test_baselines_equal_bptt_at_T1(tiny_name):
     trace is the input: every baseline's gradient is BPTT's, in both step modes. (At T=1
     BPTT itself is the same in both modes, which test_methods checks through rate-BP.)"""
     net, params, stats, batch = tiny_setup(tiny_name)
-    (loss_b, aux_b), g_bptt = grads_of("bptt", net, params, stats, batch, T=1,
-                                       step_mode="multi")
+    cases = list(itertools.product(BASELINES, ["single", "multi"]))
+    ((loss_b, aux_b), g_bptt), *results = grads_of_each(
+        net, params, stats, batch, ("bptt", dict(T=1, step_mode="multi")),
+        *((name, dict(T=1, step_mode=step_mode, **kwargs))
+          for (name, kwargs), step_mode in cases))
     assert np.linalg.norm(_flat(g_bptt)) > 1e-3
-    for (name, kwargs), step_mode in itertools.product(BASELINES, ["single", "multi"]):
-        (loss, aux), grads = grads_of(name, net, params, stats, batch, T=1,
-                                      step_mode=step_mode, **kwargs)
+    for ((name, _), step_mode), ((loss, aux), grads) in zip(cases, results, strict=True):
         assert rel_err(grads, g_bptt) <= 1e-5, (name, step_mode)
         np.testing.assert_allclose(loss, loss_b, rtol=1e-6)
         np.testing.assert_allclose(aux["logits"], aux_b["logits"], rtol=1e-5, atol=1e-6)

@@ -11,18 +11,18 @@ from flax import nnx
 from ratebp_jax import analysis, layers, methods, neurons
 from ratebp_jax.layers import Ctx
 
-from conftest import grads_of, rel_err, tiny_setup
+from conftest import grads_of, grads_of_each, rel_err, tiny_setup
 
 
 @pytest.mark.parametrize("step_mode", ["multi", "single"])
 @pytest.mark.parametrize("reset", neurons.RESET_MODES)
 def test_rate_gradient_equals_bptt_at_T1(tiny_name, reset, step_mode):
     net, params, stats, batch = tiny_setup(tiny_name, reset=reset)
-    (loss_b, aux_b), g_bptt = grads_of("bptt", net, params, stats, batch, T=1,
-                                       step_mode=step_mode)
-    for scale in methods.RATE_GRAD_SCALES:  # identical at T=1
-        (loss_r, aux_r), g_rate = grads_of("rate", net, params, stats, batch, T=1,
-                                           step_mode=step_mode, rate_grad_scale=scale)
+    ((loss_b, aux_b), g_bptt), *rates = grads_of_each(
+        net, params, stats, batch, ("bptt", dict(T=1, step_mode=step_mode)),
+        *(("rate", dict(T=1, step_mode=step_mode, rate_grad_scale=scale))
+          for scale in methods.RATE_GRAD_SCALES))
+    for (loss_r, aux_r), g_rate in rates:  # identical at T=1 for every scale
         assert rel_err(g_rate, g_bptt) <= 1e-5
         # Per parameter too, each against the floor of compare_gradients.py; parameters with
         # a zero true gradient (conv biases feeding BatchNorm) to rounding of the whole.
@@ -42,9 +42,11 @@ def test_every_method_equals_bptt_at_T1_under_either_pool_tie_rule(name, ties, s
     pass, so T=1 exactness holds under each rule. (SEW-ResNet pools spikes, so its windows
     tie; PreAct-ResNet pools real-valued BN outputs, where the rules agree.)"""
     net, params, stats, batch = tiny_setup(name, pool_ties=ties)
-    _, g_bptt = grads_of("bptt", net, params, stats, batch, T=1, step_mode=step_mode)
-    for method in ("rate", "sltt", "ottt"):
-        _, grads = grads_of(method, net, params, stats, batch, T=1, step_mode=step_mode)
+    others = ("rate", "sltt", "ottt")
+    (_, g_bptt), *results = grads_of_each(
+        net, params, stats, batch,
+        *((method, dict(T=1, step_mode=step_mode)) for method in ("bptt",) + others))
+    for method, (_, grads) in zip(others, results, strict=True):
         assert rel_err(grads, g_bptt) <= 1e-5, method
 
 
@@ -70,10 +72,10 @@ def _readout(grads):
 @pytest.mark.parametrize("T", [2, 5])
 def test_readout_gradient_is_exact_at_any_T(tiny_name, T, step_mode):
     net, params, stats, batch = tiny_setup(tiny_name)
-    _, g_bptt = grads_of("bptt", net, params, stats, batch, T=T, step_mode=step_mode)
-    _, g_exact = grads_of("rate", net, params, stats, batch, T=T, step_mode=step_mode)
-    _, g_ref = grads_of("rate", net, params, stats, batch, T=T, step_mode=step_mode,
-                        rate_grad_scale="reference")
+    (_, g_bptt), (_, g_exact), (_, g_ref) = grads_of_each(
+        net, params, stats, batch, ("bptt", dict(T=T, step_mode=step_mode)),
+        ("rate", dict(T=T, step_mode=step_mode)),
+        ("rate", dict(T=T, step_mode=step_mode, rate_grad_scale="reference")))
     np.testing.assert_allclose(_readout(g_exact), _readout(g_bptt), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(_readout(g_ref), _readout(g_bptt) / T, rtol=1e-4, atol=1e-6)
     # ...while the hidden layers are only approximated (else this test proves nothing).
