@@ -17,6 +17,8 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -188,18 +190,30 @@ def import_state_dict(model, state_dict: dict, *, strict: bool = True) -> None:
     for key, module, attr, kind, chw in entries:
         if key not in state_dict:
             continue
-        var = getattr(module, attr)
+        current = getattr(module, attr).get_value()
         value = _to_ours(kind, np.asarray(state_dict[key]), chw)
-        if value.shape != var[...].shape:
+        if value.shape != current.shape:
             problems.append(f"{key}: shape {list(np.shape(state_dict[key]))} does not fit "
                             f"{'.'.join(map(str, _path_of(model, module)))}.{attr} "
-                            f"{list(var[...].shape)}")
+                            f"{list(current.shape)}")
             continue
-        values[(module, attr)] = value.astype(var[...].dtype)
+        values[(module, attr)] = value.astype(current.dtype)
     if problems:
         raise ValueError("state_dict: " + "; ".join(problems))
     for (module, attr), value in values.items():
-        getattr(module, attr)[...] = value
+        _replace_value(getattr(module, attr), value)
+
+
+def _replace_value(var, value: np.ndarray) -> None:
+    """Give ``var`` the new array ``value``, placed as its current one was (committed to its
+    devices, or not). Setting the value (not writing into it, ``var[...] = value``) works
+    on an abstract model from ``nnx.eval_shape`` too, and compiles no scatter program per
+    shape."""
+    current = var.get_value()
+    if getattr(current, "committed", False):
+        var.set_value(jax.device_put(value, current.sharding))
+    else:
+        var.set_value(jnp.asarray(value))
 
 
 def export_state_dict(model) -> dict[str, np.ndarray]:

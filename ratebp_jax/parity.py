@@ -12,9 +12,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from ratebp_jax import interop, methods, models, neurons
+from ratebp_jax import interop, layers, methods, models, neurons
 
 LOSS_RTOL, LOGITS_ATOL, DEV_TOL = 1e-5, 1e-4, 1e-3
 
@@ -79,18 +81,36 @@ def deviation(ours: dict, ref: dict, n: int, floor: float) -> float:
 NEURON_RESETS = {"soft": "soft", "soft_nodetach": "soft_nodetach", "hard": "hard"}
 
 
-def run_reference_step(vec: dict, keys, dtype=np.float32, compiler_options=None):
-    """Our step on the file's configuration, computed in ``dtype`` (float64 needs
-    ``jax_enable_x64``), compiled with XLA's ``compiler_options`` (``jax.jit``'s). Returns
-    ``(loss, logits, grads_sd, buffers_sd)`` with gradients and buffers in the reference's
-    names and layouts."""
-    state_dict = rebuild_state_dict(keys, vec["seed"])
+def reference_model(vec: dict, keys) -> nnx.Module:
+    """The file's model with the recipe's weights (float32), built without drawing weights:
+    every parameter and buffer is replaced by the import, so the model is built abstractly
+    (``nnx.eval_shape``) and the import gives it its values. That skips compiling and
+    running the initialisers (ResNet-18: 4 s of compilation). Only the scalar placeholders
+    of the spike records, which the import does not name, are made concrete here."""
     channels = next(shape for _, shape, _, _ in keys if len(shape) == 4)[1]
-    model = models.create_model(
+    model = nnx.eval_shape(lambda: models.create_model(
         vec["arch"], num_classes=vec["num_classes"], in_channels=channels,
         image_size=vec["image_size"], neuron=neurons.NeuronConfig(
-            reset=NEURON_RESETS[vec["reset"]]), pool_ties="first")  # the reference's rule
-    interop.import_state_dict(model, state_dict)
+            reset=NEURON_RESETS[vec["reset"]]), pool_ties="first"))  # the reference's rule
+    interop.import_state_dict(model, rebuild_state_dict(keys, vec["seed"]))
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable) and isinstance(var.get_value(), jax.ShapeDtypeStruct):
+            if not isinstance(var, (layers.Record, layers.Membrane)):
+                raise ValueError(f"{vec['arch']}: {type(var).__name__} of shape "
+                                 f"{var.get_value().shape} is not in the keys")
+            abstract = var.get_value()
+            var.set_value(jnp.zeros(abstract.shape, abstract.dtype))
+    return model
+
+
+def run_reference_step(vec: dict, keys, dtype=np.float32, compiler_options=None, model=None):
+    """Our step on the file's configuration, computed in ``dtype`` (float64 needs
+    ``jax_enable_x64``), compiled with XLA's ``compiler_options`` (``jax.jit``'s), on
+    ``model`` (default: :func:`reference_model`; pass one to run several steps on it).
+    Returns ``(loss, logits, grads_sd, buffers_sd)`` with gradients and buffers in the
+    reference's names and layouts."""
+    model = reference_model(vec, keys) if model is None else model
+    channels = next(shape for _, shape, _, _ in keys if len(shape) == 4)[1]
     net, params, batch_stats = methods.split_model(model)
     batch = rebuild_batch(vec["seed"], vec["batch"], channels, vec["image_size"],
                           vec["num_classes"])
