@@ -11,6 +11,7 @@ renders when browsed), under 1 MB, with every figure that a run draws;
 
 Needs nbclient, nbformat and ipykernel (skipped without them).
 """
+import os
 import pathlib
 import sys
 import time
@@ -64,8 +65,19 @@ def test_notebook_stored_as_one_clean_run(path):
     assert path.stat().st_size < MAX_BYTES, f"{path.name} is {path.stat().st_size} bytes"
 
 
+# Notebooks that compile many small programs and run each a few times: here LLVM's level 0
+# compiles them faster than it slows them (01: 57.8 -> 32.3 s, 03: 41.8 -> 30.6 s, run
+# alone). Not the training notebooks, which run one program for hundreds of steps (02: 40.9
+# -> 141.7 s). XLA:CPU has no fast math, so the level changes speed, not values; 03's
+# assertions are on compiled memory, which buffer assignment decides before LLVM runs.
+UNOPTIMISED = {"01_bptt_vs_rate_gradients", "03_memory_and_time"}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, tmp_path):
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    if path.stem in UNOPTIMISED:  # the kernel inherits the environment
+        monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")
+                           + " --xla_backend_optimization_level=0")
     original = path.read_bytes()
     stored = nbformat.read(path, as_version=4)
     nb = nbformat.read(path, as_version=4)
