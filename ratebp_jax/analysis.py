@@ -264,11 +264,12 @@ def global_norm(tree) -> float:
 
 
 # --------------------------------------------------------------------------- profiling
-def compile_with_stats(fn, *args) -> tuple[Any, dict]:
-    """Jit-compile ``fn`` for ``args``; return the executable and XLA's compiled memory
-    statistics (deterministic for a given program and backend) with the compile time."""
+def compile_with_stats(fn, *args, compiler_options=None) -> tuple[Any, dict]:
+    """Jit-compile ``fn`` for ``args`` with XLA's ``compiler_options`` (``jax.jit``'s);
+    return the executable and XLA's compiled memory statistics (deterministic for a given
+    program and backend) with the compile time."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     return compiled, {"temp_bytes": int(mem.temp_size_in_bytes),

@@ -9,7 +9,7 @@ from flax import nnx
 
 from ratebp_jax import layers, methods, neurons
 
-from conftest import grads_of, grads_of_each, tiny_setup
+from conftest import compiled_temp_bytes, grads_of, grads_of_each, tiny_setup
 
 BASELINES = [("sltt", {}), ("sltt_k", {"K": 1}), ("ottt", {})]
 
@@ -192,17 +192,13 @@ def test_ottt_differs_from_sltt_only_in_trace_fed_weights():
 
 
 # --------------------------------------------------------------------------- 3. memory
-def _temp_bytes(fn, *args):
-    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_single_mode_baseline_memory_is_flat_in_T():
     net, params, stats, batch = tiny_setup("resnet18_tiny", batch=8)
     temp = {}
     for name, kwargs in [("sltt", {}), ("ottt", {}), ("bptt", {})]:
         for T_ in (2, 16):
             fn = methods.make_grad_fn(name, net, T=T_, step_mode="single", **kwargs)
-            temp[name, T_] = _temp_bytes(fn, params, stats, batch)
+            temp[name, T_] = compiled_temp_bytes(fn, params, stats, batch)
     for name in ("sltt", "ottt"):
         assert temp[name, 16] <= 1.15 * temp[name, 2], temp
     assert temp["bptt", 16] > 3 * temp["bptt", 2], temp  # the contrast

@@ -11,7 +11,7 @@ from flax import nnx
 from ratebp_jax import analysis, layers, methods, neurons
 from ratebp_jax.layers import Ctx
 
-from conftest import grads_of, grads_of_each, rel_err, tiny_setup
+from conftest import compiled_temp_bytes, grads_of, grads_of_each, rel_err, tiny_setup
 
 
 @pytest.mark.parametrize("step_mode", ["multi", "single"])
@@ -196,17 +196,13 @@ def test_multi_and_single_step_modes_give_identical_spikes_without_batchnorm():
     chex.assert_trees_all_close(logits["multi"][0], logits["single"][0], rtol=1e-6)
 
 
-def _temp_bytes(fn, *args):
-    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_single_mode_rate_memory_is_flat_in_T():
     net, params, stats, batch = tiny_setup("resnet18_tiny", batch=8, image_size=16)
     temp = {}
     for method in ("rate", "bptt"):
         for T in (2, 16):
             fn = methods.make_grad_fn(method, net, T=T, step_mode="single")
-            temp[method, T] = _temp_bytes(fn, params, stats, batch)
+            temp[method, T] = compiled_temp_bytes(fn, params, stats, batch)
     assert temp["rate", 16] <= 1.15 * temp["rate", 2], temp
     # The contrast that makes the bound meaningful: BPTT stores every step.
     assert temp["bptt", 16] > 3 * temp["bptt", 2], temp
@@ -228,7 +224,7 @@ def test_rematerialised_bptt_needs_less_memory(step_mode):
     # In multi mode this holds only because the recomputation waits for the cotangent:
     # with plain jax.checkpoint XLA:CPU recomputes during the forward pass (equal memory).
     net, params, stats, batch = tiny_setup("resnet18_tiny", batch=8, image_size=16)
-    temp = {method: _temp_bytes(methods.make_grad_fn(method, net, T=4, step_mode=step_mode),
+    temp = {method: compiled_temp_bytes(methods.make_grad_fn(method, net, T=4, step_mode=step_mode),
                                 params, stats, batch)
             for method in ("bptt", "bptt_remat")}
     assert temp["bptt_remat"] < 0.75 * temp["bptt"], temp

@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from ratebp_jax import analysis, layers, methods, models
 
-from conftest import jit_unoptimised, rel_err, tiny_setup
+from conftest import compiled_temp_bytes, jit_unoptimised, rel_err, tiny_setup
 
 BF16 = "bfloat16"
 STEP_MODES = ("multi", "single")
@@ -186,5 +186,5 @@ def test_bfloat16_rate_step_needs_less_compiled_memory():
     for dtype in ("float32", BF16):
         step = methods.make_grad_fn("rate", with_compute_dtype(net, params, stats, dtype),
                                     T=4, step_mode="multi")
-        temp[dtype] = analysis.compile_with_stats(step, params, stats, batch)[1]["temp_bytes"]
+        temp[dtype] = compiled_temp_bytes(step, params, stats, batch)
     assert temp[BF16] < temp["float32"], temp
