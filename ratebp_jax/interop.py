@@ -216,6 +216,18 @@ def _replace_value(var, value: np.ndarray) -> None:
         var.set_value(jnp.asarray(value))
 
 
+def reference_shapes(model) -> dict[str, tuple[int, ...]]:
+    """The shape of each entry of the reference ``state_dict`` that ``model`` imports and
+    exports, in the reference's key order. Read off the variables' shapes, so an abstract
+    model (``nnx.eval_shape``) will do: no weights need to be drawn to learn what a
+    checkpoint must hold."""
+    shapes = {}
+    for key, module, attr, kind, chw in _entries(model):
+        shape = getattr(module, attr).get_value().shape
+        shapes[key] = _to_reference(kind, np.broadcast_to(np.float32(0), shape), chw).shape
+    return shapes
+
+
 def export_state_dict(model) -> dict[str, np.ndarray]:
     """``model``'s parameters and BN buffers as a reference ``state_dict`` (float32, with
     ``num_batches_tracked`` as int64), in the reference's key order per module."""
