@@ -157,20 +157,12 @@ def run_main(*args, env=None):
 
 @pytest.mark.parametrize("args,message", [
     (["--config.model=resnet50"], "model='resnet50': allowed values are"),
-    (["--config.dataset=mnist"], "dataset='mnist': allowed values are"),
-    (["--config.method=sgd"], "method='sgd': allowed values are"),
-    (["--config.step_mode=both"], "step_mode='both': allowed values are"),
-    (["--config.T=0"], "T=0: must be an integer >= 1"),
-    (["--config.lam=1.5"], "lam=1.5: must satisfy 0 <= lam < 1"),
-    (["--config.thresh=-1"], "thresh=-1.0: must be > 0"),
     (["--config.dataset=npz", "--config.data_path=/nonexistent/data.npz"],
      "data_path='/nonexistent/data.npz': no such file"),
-    (["--config.dataset=cifar10", "--config.data_dir=/nonexistent/tfds"],
-     "data_dir='/nonexistent/tfds': no such directory"),
-    (["--config.dataset=cifar10_dvs", "--config.data_dir=/nonexistent/dvs"],
-     "data_dir='/nonexistent/dvs': no such directory"),
 ])
 def test_bad_config_is_one_line_error_without_traceback(tmp_path, args, message):
+    """Two bad inputs through a real ``python main.py`` process: its exit code and stderr.
+    Every field's bad value is in test_main_errors.py, where one process forks per case."""
     proc = run_main("--workdir", str(tmp_path), *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
