@@ -81,15 +81,19 @@ def deviation(ours: dict, ref: dict, n: int, floor: float) -> float:
 NEURON_RESETS = {"soft": "soft", "soft_nodetach": "soft_nodetach", "hard": "hard"}
 
 
+def input_channels(keys) -> int:
+    """The input channels of the architecture in ``keys``: those of its first convolution."""
+    return next(shape for _, shape, _, _ in keys if len(shape) == 4)[1]
+
+
 def reference_model(vec: dict, keys) -> nnx.Module:
     """The file's model with the recipe's weights (float32), built without drawing weights:
     every parameter and buffer is replaced by the import, so the model is built abstractly
     (``nnx.eval_shape``) and the import gives it its values. That skips compiling and
     running the initialisers (ResNet-18: 4 s of compilation). Only the scalar placeholders
     of the spike records, which the import does not name, are made concrete here."""
-    channels = next(shape for _, shape, _, _ in keys if len(shape) == 4)[1]
     model = nnx.eval_shape(lambda: models.create_model(
-        vec["arch"], num_classes=vec["num_classes"], in_channels=channels,
+        vec["arch"], num_classes=vec["num_classes"], in_channels=input_channels(keys),
         image_size=vec["image_size"], neuron=neurons.NeuronConfig(
             reset=NEURON_RESETS[vec["reset"]]), pool_ties="first"))  # the reference's rule
     interop.import_state_dict(model, rebuild_state_dict(keys, vec["seed"]))
@@ -110,9 +114,8 @@ def run_reference_step(vec: dict, keys, dtype=np.float32, compiler_options=None,
     Returns ``(loss, logits, grads_sd, buffers_sd)`` with gradients and buffers in the
     reference's names and layouts."""
     model = reference_model(vec, keys) if model is None else model
-    channels = next(shape for _, shape, _, _ in keys if len(shape) == 4)[1]
     net, params, batch_stats = methods.split_model(model)
-    batch = rebuild_batch(vec["seed"], vec["batch"], channels, vec["image_size"],
+    batch = rebuild_batch(vec["seed"], vec["batch"], input_channels(keys), vec["image_size"],
                           vec["num_classes"])
     cast = lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x  # noqa
     params, batch_stats = jax.tree.map(cast, params), jax.tree.map(cast, batch_stats)

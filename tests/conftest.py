@@ -26,10 +26,20 @@ def with_test_xla_flags(flags: str) -> str:
 os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 
+# LLVM optimisation level 0 (see jit_unoptimised): as jax.jit's compiler_options, or
+# through xla_flags_plus for the scripts and notebooks the tests start.
+UNOPTIMISED = {"xla_backend_optimization_level": 0}
+
+
+def xla_flags_plus(settings: dict) -> str:
+    """This process's ``XLA_FLAGS`` (the suite's flags included) for a subprocess, with each
+    of ``settings`` (name: value) appended last, so that it wins over one given earlier."""
+    return " ".join([os.environ["XLA_FLAGS"], *(f"--{k}={v}" for k, v in settings.items())])
+
+
 def xla_flags_with_host_devices(count: int) -> str:
-    """This process's ``XLA_FLAGS`` (the suite's flags included) for a subprocess with
-    ``count`` CPU devices; the count is appended last, so it wins over one given earlier."""
-    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"
+    """:func:`xla_flags_plus` for a subprocess with ``count`` CPU devices."""
+    return xla_flags_plus({"xla_force_host_platform_device_count": count})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -111,9 +121,6 @@ def _tiny_setup_once(name, reset, batch, num_classes, seed, image_size, model_op
         "label": jax.random.randint(key_y, (batch,), 0, num_classes),
     }
     return net, params, batch_stats, batch_data
-
-
-UNOPTIMISED = {"xla_backend_optimization_level": 0}
 
 
 def jit_unoptimised(fn, **kwargs):

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import UNOPTIMISED, xla_flags_plus
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,8 +19,7 @@ def unoptimised_env():
     fields, not speed: the level changes how fast the code runs, not buffer assignment or
     values (device_benchmark.sh --smoke: 58.7 -> 28.5 s; benchmark.py below: 33.0 ->
     16.8 s). Not for the training scripts, whose steps it slows more."""
-    return dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-                + " --xla_backend_optimization_level=0")
+    return dict(os.environ, XLA_FLAGS=xla_flags_plus(UNOPTIMISED))
 
 
 def run_cli(script, *args, env=None):

@@ -12,6 +12,8 @@ from jax import enable_x64
 
 from ratebp_jax import interop, models, parity
 
+from conftest import UNOPTIMISED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(os.path.dirname(__file__), "data", "reference_vectors")
 VECTORS_F64 = os.path.join(os.path.dirname(__file__), "data", "reference_vectors_f64")
@@ -36,19 +38,17 @@ def test_step_matches_the_reference_in_float32_and_float64(name):
 
     The two files describe the same step (checked), so our float64 step runs once for
     both, and one model (``parity.reference_model``) serves both dtypes; a file per test,
-    so that the test workers share them. The float64 step is
-    compiled at LLVM level 0: its convolutions are library matrix products
-    (``convolution.conv_as_dots``), so the level changes only how fast its elementwise code
-    runs; ResNet-18's float64 steps then compile in 6.6-9.4 s against 17.8-18.1 s and run
-    0.2-1.1 s longer. (Not the float32 step: its convolutions inside a time scan ran 47
-    times slower at level 0.)"""
+    so that the test workers share them. The float64 step is compiled at LLVM level 0:
+    its convolutions are library matrix products (``convolution.conv_as_dots``), so the
+    level changes only how fast its elementwise code runs; ResNet-18's float64 steps then
+    compile in 6.6-9.4 s against 17.8-18.1 s and run 0.2-1.1 s longer. (Not the float32
+    step: its convolutions inside a time scan ran 47 times slower at level 0.)"""
     vec32, keys = parity.load_vector(os.path.join(VECTORS, name))
     vec64, _ = parity.load_vector(os.path.join(VECTORS_F64, name))
     assert parity.step_config(vec32) == parity.step_config(vec64)
     model = parity.reference_model(vec32, keys)  # the same weights, cast to each dtype
     with enable_x64():
-        ours64 = parity.run_reference_step(vec64, keys, np.float64,
-                                           {"xla_backend_optimization_level": 0}, model=model)
+        ours64 = parity.run_reference_step(vec64, keys, np.float64, UNOPTIMISED, model=model)
     exact = parity.compare(vec64, keys, ours64, np.float64)
     assert exact["pass"] and exact["worst_dev"] <= 1e-5, exact
     assert exact["loss_rel_err"] <= 1e-6, exact

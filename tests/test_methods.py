@@ -224,8 +224,8 @@ def test_rematerialised_bptt_needs_less_memory(step_mode):
     # In multi mode this holds only because the recomputation waits for the cotangent:
     # with plain jax.checkpoint XLA:CPU recomputes during the forward pass (equal memory).
     net, params, stats, batch = tiny_setup("resnet18_tiny", batch=8, image_size=16)
-    temp = {method: compiled_temp_bytes(methods.make_grad_fn(method, net, T=4, step_mode=step_mode),
-                                params, stats, batch)
+    temp = {method: compiled_temp_bytes(
+                methods.make_grad_fn(method, net, T=4, step_mode=step_mode), params, stats, batch)
             for method in ("bptt", "bptt_remat")}
     assert temp["bptt_remat"] < 0.75 * temp["bptt"], temp
 

@@ -11,7 +11,6 @@ renders when browsed), under 1 MB, with every figure that a run draws;
 
 Needs nbclient, nbformat and ipykernel (skipped without them).
 """
-import os
 import pathlib
 import sys
 import time
@@ -25,6 +24,7 @@ pytest.importorskip("ipykernel")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import run_notebooks  # noqa: E402
+from conftest import UNOPTIMISED, xla_flags_plus  # noqa: E402
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -70,14 +70,13 @@ def test_notebook_stored_as_one_clean_run(path):
 # alone). Not the training notebooks, which run one program for hundreds of steps (02: 40.9
 # -> 141.7 s). XLA:CPU has no fast math, so the level changes speed, not values; 03's
 # assertions are on compiled memory, which buffer assignment decides before LLVM runs.
-UNOPTIMISED = {"01_bptt_vs_rate_gradients", "03_memory_and_time"}
+UNOPTIMISED_NOTEBOOKS = {"01_bptt_vs_rate_gradients", "03_memory_and_time"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, tmp_path, monkeypatch):
-    if path.stem in UNOPTIMISED:  # the kernel inherits the environment
-        monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")
-                           + " --xla_backend_optimization_level=0")
+    if path.stem in UNOPTIMISED_NOTEBOOKS:  # the kernel inherits the environment
+        monkeypatch.setenv("XLA_FLAGS", xla_flags_plus(UNOPTIMISED))
     original = path.read_bytes()
     stored = nbformat.read(path, as_version=4)
     nb = nbformat.read(path, as_version=4)
