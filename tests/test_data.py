@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from ratebp_jax import data, models, train
-from ratebp_jax.data import augment, events
+from ratebp_jax.data import arrays, augment, events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -36,6 +36,28 @@ def test_digits_split_is_fixed_and_standardised():
     assert len(batches) == 1437 // 64
     x = np.concatenate([b["image"] for b in batches])
     assert x.dtype == np.float32 and abs(x.mean()) < 0.1 and abs(x.std() - 1) < 0.1
+
+
+def test_digits_are_scikit_learns_images_and_split():
+    """The loader reads scikit-learn's digits file and its stored split without importing
+    scikit-learn; both equal what scikit-learn's own load_digits and stratified
+    train_test_split (random_state=0) give, array for array and in the same order."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images, labels = arrays.digits_images_and_labels()
+    np.testing.assert_array_equal(images, digits.images)
+    np.testing.assert_array_equal(labels, digits.target)
+    train, test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
+                                   stratify=labels)
+    order = np.load(arrays.DIGITS_SPLIT)
+    np.testing.assert_array_equal(order[:arrays.DIGITS_TRAIN], train)
+    np.testing.assert_array_equal(order[arrays.DIGITS_TRAIN:], test)
+    ds = data.load_dataset(config_with())
+    pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[..., None]
+    np.testing.assert_array_equal(ds.train.images, pixels[train])
+    np.testing.assert_array_equal(ds.test.labels, digits.target[test])
 
 
 def test_train_order_is_a_seeded_permutation_and_resumable():

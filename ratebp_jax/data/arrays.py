@@ -1,8 +1,9 @@
 """Small in-memory datasets: scikit-learn's bundled digits (the offline default) and npz.
 
 digits: 1,797 8x8 grey images of 0-9 shipped inside scikit-learn, so the default run needs
-no download. The split is fixed: stratified 80/20 with ``random_state=0`` (1,437 train,
-360 test). Pixel values 0..16 are scaled to uint8 0..255.
+no download. The split is fixed: scikit-learn's stratified 80/20 ``train_test_split`` with
+``random_state=0`` (1,437 train, 360 test), stored as its index order in
+``digits_split.npy``. Pixel values 0..16 are scaled to uint8 0..255.
 
 npz: a researcher's own arrays in one ``.npz`` file with ``x_train``, ``y_train``,
 ``x_test``, ``y_test``; images uint8 ``[N, H, W, C]``, labels integers in [0, K). With
@@ -10,6 +11,8 @@ npz: a researcher's own arrays in one ``.npz`` file with ``x_train``, ``y_train`
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import os
 import zipfile
 
@@ -69,15 +72,39 @@ def check_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
                          f"images are {list(x_test.shape[1:])}")
 
 
-def load_digits(config) -> Dataset:
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
+# scikit-learn's split of the digits, train_test_split(range(1797), test_size=0.2,
+# random_state=0, stratify=target): the 1,437 training indices in its order, then the 360
+# test indices. Stored, so that loading the default dataset does not import scikit-learn
+# (about 2 s, most of it scipy.stats), which every training process and notebook paid;
+# tests/test_data.py checks it against scikit-learn's own split.
+DIGITS_SPLIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_split.npy")
+DIGITS_TRAIN = 1437
 
-    digits = sk_digits()
-    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[..., None]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.2, random_state=0, stratify=digits.target)
-    return from_arrays("digits", x_train, y_train, x_test, y_test, num_classes=10)
+
+def digits_images_and_labels():
+    """scikit-learn's bundled digits, ``images`` float ``[1797, 8, 8]`` (0..16) and integer
+    ``labels``, read from the file its ``load_digits`` reads (gzip CSV, 64 pixels then the
+    label per row) without importing scikit-learn; through ``load_digits`` itself if that
+    file is not where this scikit-learn keeps it."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package, runs none of it
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data",
+                        "digits.csv.gz") if spec and spec.submodule_search_locations else ""
+    if not os.path.isfile(path):
+        from sklearn.datasets import load_digits as sk_digits
+        digits = sk_digits()
+        return digits.images, digits.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
+def load_digits(config) -> Dataset:
+    images, labels = digits_images_and_labels()
+    images = np.clip(images * 16, 0, 255).astype(np.uint8)[..., None]
+    order = np.load(DIGITS_SPLIT).astype(np.intp)
+    train, test = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
+    return from_arrays("digits", images[train], labels[train], images[test], labels[test],
+                       num_classes=10)
 
 
 def load_npz(config) -> Dataset:
