@@ -16,9 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def unoptimised_env():
     """This environment with LLVM at level 0, for a script that compiles many tiny programs
     and runs each a few times, and whose test reads compiled memory and the report's
-    fields, not speed: the level changes how fast the code runs, not buffer assignment or
-    values (device_benchmark.sh --smoke: 58.7 -> 28.5 s; benchmark.py below: 33.0 ->
-    16.8 s). Not for the training scripts, whose steps it slows more."""
+    fields, not speed: the level changes how fast the code runs and its rounding
+    (conftest.UNOPTIMISED), not buffer assignment (device_benchmark.sh --smoke: 58.7 ->
+    28.5 s; benchmark.py below: 33.0 -> 16.8 s). Not for the training scripts, whose
+    steps it slows more."""
     return dict(os.environ, XLA_FLAGS=xla_flags_plus(UNOPTIMISED))
 
 

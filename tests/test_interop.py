@@ -40,9 +40,10 @@ def test_step_matches_the_reference_in_float32_and_float64(name):
     both, and one model (``parity.reference_model``) serves both dtypes; a file per test,
     so that the test workers share them. The float64 step is compiled at LLVM level 0:
     its convolutions are library matrix products (``convolution.conv_as_dots``), so the
-    level changes only how fast its elementwise code runs; ResNet-18's float64 steps then
-    compile in 6.6-9.4 s against 17.8-18.1 s and run 0.2-1.1 s longer. (Not the float32
-    step: its convolutions inside a time scan ran 47 times slower at level 0.)"""
+    level changes only the speed of its elementwise code and its float64 rounding (no
+    FMA; ``conftest.UNOPTIMISED``), far below the 1e-5 compared; ResNet-18's float64
+    steps then compile in 6.6-9.4 s against 17.8-18.1 s and run 0.2-1.1 s longer. (Not
+    the float32 step: its convolutions inside a time scan ran 47 times slower at level 0.)"""
     vec32, keys = parity.load_vector(os.path.join(VECTORS, name))
     vec64, _ = parity.load_vector(os.path.join(VECTORS_F64, name))
     assert parity.step_config(vec32) == parity.step_config(vec64)

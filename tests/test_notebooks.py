@@ -68,8 +68,9 @@ def test_notebook_stored_as_one_clean_run(path):
 # Notebooks that compile many small programs and run each a few times: here LLVM's level 0
 # compiles them faster than it slows them (01: 57.8 -> 32.3 s, 03: 41.8 -> 30.6 s, run
 # alone). Not the training notebooks, which run one program for hundreds of steps (02: 40.9
-# -> 141.7 s). XLA:CPU has no fast math, so the level changes speed, not values; 03's
-# assertions are on compiled memory, which buffer assignment decides before LLVM runs.
+# -> 141.7 s). The level changes rounding, not what is computed (conftest.UNOPTIMISED), and
+# 01 compares gradients computed at one level; 03's assertions are on compiled memory,
+# which buffer assignment decides before LLVM runs.
 UNOPTIMISED_NOTEBOOKS = {"01_bptt_vs_rate_gradients", "03_memory_and_time"}
 
 
