@@ -10,9 +10,10 @@ import tempfile
 # 1001 s of test time -> 557 s). Set here, before JAX starts a backend, so the test workers
 # and every script and notebook the tests start (they inherit the environment) use it. The
 # package does not set it for users: on ResNet-18 it compiles no faster and runs 5 to 14%
-# slower (docs/RESULTS.md, section 10). The emitters generate the same elementwise
-# arithmetic (XLA:CPU has no fast math), and test_xla_defaults.py checks that the package's
-# own settings and these agree on gradients, logits and spike inference to rounding.
+# slower (docs/RESULTS.md, section 10). The emitters compute the same operations (XLA:CPU
+# has no fast math) but not always with the same roundings, and test_xla_defaults.py checks
+# that the package's own settings and these agree on gradients, logits and spike inference
+# to float32 rounding (not bit for bit).
 TEST_XLA_FLAGS = {"xla_cpu_use_fusion_emitters": "false"}
 
 import ratebp_jax  # noqa: E402  (starts no backend; appends the package's own flags)
