@@ -1,6 +1,7 @@
 """Loaders on data the tests make: tfds mock data, synthetic events, npz files; configs."""
 import importlib
 import os
+import subprocess
 import sys
 import time
 
@@ -56,8 +57,31 @@ def test_digits_are_scikit_learns_images_and_split():
     np.testing.assert_array_equal(order[arrays.DIGITS_TRAIN:], test)
     ds = data.load_dataset(config_with())
     pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[..., None]
-    np.testing.assert_array_equal(ds.train.images, pixels[train])
-    np.testing.assert_array_equal(ds.test.labels, digits.target[test])
+    for source, part in ((ds.train, train), (ds.test, test)):
+        np.testing.assert_array_equal(source.images, pixels[part])
+        np.testing.assert_array_equal(source.labels, digits.target[part])
+        assert source.images.dtype == np.uint8 and source.labels.dtype == digits.target.dtype
+
+
+def test_digits_fall_back_to_scikit_learns_loader_without_its_file(monkeypatch):
+    """A scikit-learn that keeps its digits elsewhere is read through its own load_digits."""
+    from sklearn.datasets import load_digits
+
+    monkeypatch.setattr(arrays.importlib.util, "find_spec", lambda name: None)
+    images, labels = arrays.digits_images_and_labels()
+    np.testing.assert_array_equal(images, load_digits().images)
+    np.testing.assert_array_equal(labels, load_digits().target)
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    """The point of reading the file: a fresh process loads the default dataset without
+    importing scikit-learn (about 2 s)."""
+    program = ("import sys; from ratebp_jax.data import arrays; arrays.load_digits(None); "
+               "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+               "('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    assert out.strip() == "[]", out
 
 
 def test_train_order_is_a_seeded_permutation_and_resumable():
