@@ -69,8 +69,9 @@ def test_digits_fall_back_to_scikit_learns_loader_without_its_file(monkeypatch):
 
     monkeypatch.setattr(arrays.importlib.util, "find_spec", lambda name: None)
     images, labels = arrays.digits_images_and_labels()
-    np.testing.assert_array_equal(images, load_digits().images)
-    np.testing.assert_array_equal(labels, load_digits().target)
+    digits = load_digits()
+    np.testing.assert_array_equal(images, digits.images)
+    np.testing.assert_array_equal(labels, digits.target)
 
 
 def test_loading_digits_does_not_import_scikit_learn():
