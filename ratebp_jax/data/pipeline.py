@@ -8,9 +8,9 @@ batches an uninterrupted run would. On several hosts each process reads only its
 of every global batch.
 
 ``train_iterator`` is what the trainer reads: the batches of global steps ``start_step ..
-total_steps - 1``, through grain: built on demand in the calling thread (``workers=0``) or
-prepared ahead in worker processes (``workers >= 1``; the augmentations hold the GIL, so
-threads do not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one
+total_steps - 1``, built on demand in the calling thread (``workers=0``) or prepared ahead
+in grain worker processes (``workers >= 1``; the augmentations hold the GIL, so threads do
+not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one
 step of ``Dataset.train_batches``), so the result does not depend on the number of workers
 and the step alone is the iterator's whole state.
 """
@@ -147,7 +147,7 @@ def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps:
     """The batches of global steps ``start_step .. total_steps - 1``, across epochs, each
     exactly as :func:`train_batch` (and so ``Dataset.train_batches``) defines it, whatever
     ``workers`` is. ``workers=0`` builds each batch in this thread when it is asked for
-    (see :func:`_grain_steps` for why no thread); ``workers >= 1`` prepares them ahead in
+    (see :func:`_batches_from` for why no thread); ``workers >= 1`` prepares them ahead in
     that many grain worker processes. Close it (or use ``with``) to stop the workers;
     ``get_state()`` / ``set_state()`` checkpoint and restore its position."""
     for name, value, low in (("batch_size", batch_size, 1), ("total_steps", total_steps, 0),
@@ -172,13 +172,14 @@ def _is_int(value) -> bool:
 
 
 class TrainIterator:
-    """Training batches by global step, through grain (see :func:`train_iterator`).
+    """Training batches by global step, in line or from grain's workers (see
+    :func:`train_iterator`).
 
     Its state is ``{"step": next step}``: JSON-serialisable, a few bytes, and valid for any
     number of workers, because each batch is a pure function of its step. grain's own
     iterator state would work too, but it describes grain's per-worker interleaving, so it
     could not be restored with a different ``workers`` (such as 0, to debug). ``set_state``
-    restarts grain from that step (worker processes start again on the next batch).
+    restarts from that step (worker processes, if any, start again on the next batch).
 
     Hand-written around grain only to add what grain lacks: that state, and a
     :class:`DataWorkerError` that says what to do when a worker dies.
@@ -186,7 +187,7 @@ class TrainIterator:
 
     def __init__(self, batch_at: Callable[[int], dict], total_steps: int, workers: int):
         self._batch_at, self._total_steps, self._workers = batch_at, total_steps, workers
-        self._step, self._grain = 0, None
+        self._step, self._batches = 0, None
 
     def __iter__(self) -> TrainIterator:
         return self
@@ -195,11 +196,11 @@ class TrainIterator:
         if self._step >= self._total_steps:
             self.close()
             raise StopIteration
-        if self._grain is None:
-            self._grain = iter(_grain_steps(self._batch_at, self._step, self._total_steps,
-                                            self._workers))
+        if self._batches is None:
+            self._batches = iter(_batches_from(self._batch_at, self._step, self._total_steps,
+                                               self._workers))
         try:
-            batch = next(self._grain)
+            batch = next(self._batches)
         except Exception as e:
             self.close()  # a later next() starts again from the step that failed
             if isinstance(e, RuntimeError) and str(e).startswith(_GRAIN_WORKER_DIED):
@@ -228,9 +229,9 @@ class TrainIterator:
 
     def close(self) -> None:
         """Stop grain's worker processes, if any (a later ``next()`` starts them again)."""
-        if self._grain is not None:
-            grain_iterator, self._grain = self._grain, None
-            grain_iterator.close()
+        if self._batches is not None:
+            batches, self._batches = self._batches, None
+            batches.close()
 
     def __enter__(self) -> TrainIterator:
         return self
@@ -239,9 +240,10 @@ class TrainIterator:
         self.close()
 
 
-def _grain_steps(batch_at: Callable[[int], dict], start: int, stop: int,
-                 workers: int) -> grain.IterDataset:
-    """grain's dataset of ``batch_at(s)`` for ``s`` in ``[start, stop)``, in order.
+def _batches_from(batch_at: Callable[[int], dict], start: int, stop: int,
+                  workers: int) -> Iterator[dict]:
+    """``batch_at(s)`` for ``s`` in ``[start, stop)``, in order: grain's dataset, prepared
+    in ``workers`` processes, or with ``workers=0`` a plain generator in this thread.
 
     ``mp_prefetch`` gives worker ``w`` of ``W`` the steps ``start + w, start + w + W, ...``
     and reads the workers round-robin, so the order is the steps' whatever ``W`` is.
@@ -250,13 +252,16 @@ def _grain_steps(batch_at: Callable[[int], dict], start: int, stop: int,
     asynchronously, so the trainer already builds the next batch while the device computes
     this step, and a Python thread only adds GIL hand-overs. On the CPU backend, whose cores
     are the device, one grain thread made the training loop slower (vgg_tiny, 2 cores:
-    116 to 193 steps/s against 154 to 238 built in line; docs/RESULTS.md section 12).
+    116 to 193 steps/s against 154 to 238 built in line; docs/RESULTS.md section 12). Nor
+    is grain's in-line iterator used: with nothing to prefetch it only adds its per-element
+    statistics and wrappers, half again the cost of building a batch (a digits batch: 92
+    against 60 us; docs/RESULTS.md section 13), host time taken from the device's cores.
     """
+    if workers == 0:
+        return (batch_at(step) for step in range(start, stop))
+    _prepare_grain_workers()
     in_line = grain.MapDataset.range(start, stop).map(batch_at).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if workers == 0:
-        return in_line
-    _prepare_grain_workers()
     # Inside a worker no threads: its process loop computes one batch at a time into a queue
     # of AHEAD - 1, and grain's reader thread for it in this process holds one more.
     return in_line.mp_prefetch(
