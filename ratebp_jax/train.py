@@ -427,10 +427,15 @@ def train_and_evaluate(config, workdir: str, *, log=print,
                                                       step % config.checkpoint_every_steps == 0))
                 # The host reads metrics only every log_every_steps steps (and before a
                 # save, so that a non-finite step is never checkpointed): in between, the
-                # device runs ahead without waiting for Python.
-                if save or len(pending) >= config.log_every_steps:
+                # device runs ahead without waiting for Python. Outside a save the newest
+                # step stays pending, so the device computes it while the host reads the
+                # others and prepares the next batch, instead of waiting idle for both.
+                if save:
                     _consume(pending, bar, config)
                     pending = []
+                elif len(pending) > config.log_every_steps:
+                    _consume(pending[:-1], bar, config)
+                    pending = pending[-1:]
                 if save:
                     latest.save(step, args=ocp.args.StandardSave(state), force=True)
                     if interrupted:
