@@ -13,9 +13,10 @@ process, alternately ``--rounds`` times.
 
 Two figures, because this machine's speed drifts by 10 to 20% within seconds (other
 tenants): the median of the rounds' ratios (each round's median epoch of the loop against
-the bare loop's), and the ratio of the fastest epochs of each over the whole run. Noise
-here only ever slows a program down, so each program's fastest epoch is its speed with the
-least interference (``timeit`` takes the minimum for the same reason).
+the bare loop's), the one to read, with more ``--rounds`` for a steadier figure; and the
+ratio of the fastest epochs of each over the whole run (the ``timeit`` idea: noise only
+slows a program down), which one lucky epoch sets, so it varies more between runs than the
+median does (docs/RESULTS.md section 12).
 """
 from __future__ import annotations
 
