@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ratebp_jax.data import arrays, events, tfds_datasets
-from ratebp_jax.data.pipeline import (DataWorkerError, Dataset, TrainIterator, prefetch,
-                                      train_iterator)
+from ratebp_jax.data.pipeline import DataWorkerError, Dataset, TrainIterator, train_iterator
 
 # tensorflow-datasets and tonic are imported inside their loaders, so the default path
 # (digits) imports neither.
@@ -38,4 +37,4 @@ def load_dataset(config) -> Dataset:
 
 
 __all__ = ["DataWorkerError", "Dataset", "LOADERS", "TrainIterator", "load_dataset",
-           "prefetch", "train_iterator"]
+           "train_iterator"]

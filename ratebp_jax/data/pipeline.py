@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import queue
 import signal
-import threading
 from typing import Callable, Iterator
 
 import grain
@@ -308,26 +306,3 @@ def _worker_failed(self) -> bool:
     if process is None or process.exitcode is None:
         return False
     return process.exitcode != 0 or self._buffer.empty()
-
-
-def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-    """Run ``iterator`` on a background thread, ``size`` items ahead.
-
-    Superseded by :func:`train_iterator` (grain); kept until the trainer reads that instead.
-    Hand-written because grain prefetches its own datasets, not an arbitrary iterator."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-
-    def worker():
-        try:
-            for item in iterator:
-                q.put(item)
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-        q.put(done)
-
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
