@@ -433,13 +433,12 @@ def train_and_evaluate(config, workdir: str, *, log=print,
                 if save:
                     _consume(pending, bar, config)
                     pending = []
-                elif len(pending) > config.log_every_steps:
-                    _consume(pending[:-1], bar, config)
-                    pending = pending[-1:]
-                if save:
                     latest.save(step, args=ocp.args.StandardSave(state), force=True)
                     if interrupted:
                         break
+                elif len(pending) > config.log_every_steps:
+                    _consume(pending[:-1], bar, config)
+                    pending = pending[-1:]
                 if bar is not None:
                     bar.update(1)
             _consume(pending, bar, config)

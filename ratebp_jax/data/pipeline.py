@@ -10,9 +10,9 @@ of every global batch.
 ``train_iterator`` is what the trainer reads: the batches of global steps ``start_step ..
 total_steps - 1``, built on demand in the calling thread (``workers=0``) or prepared ahead
 in grain worker processes (``workers >= 1``; the augmentations hold the GIL, so threads do
-not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one
-step of ``Dataset.train_batches``), so the result does not depend on the number of workers
-and the step alone is the iterator's whole state.
+not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one step of
+``Dataset.train_batches``), so the result does not depend on the number of workers and the
+step alone is the iterator's whole state.
 """
 from __future__ import annotations
 
@@ -253,7 +253,7 @@ def _batches_from(batch_at: Callable[[int], dict], start: int, stop: int,
     116 to 193 steps/s against 154 to 238 built in line; docs/RESULTS.md section 12). Nor
     is grain's in-line iterator used: with nothing to prefetch it only adds its per-element
     statistics and wrappers, half again the cost of building a batch (a digits batch: 92
-    against 60 us; docs/RESULTS.md section 13), host time taken from the device's cores.
+    against 60 us; docs/RESULTS.md section 12), host time taken from the device's cores.
     """
     if workers == 0:
         return (batch_at(step) for step in range(start, stop))
