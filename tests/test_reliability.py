@@ -154,6 +154,15 @@ def test_nan_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, na
     assert not os.path.exists(tmp_path / "summary.json")
 
 
+def test_nan_batch_stops_the_run_between_metric_reads(tmp_path, nan_data):
+    """Without mid-epoch saves the host reads metrics every log_every_steps steps, one step
+    behind the newest: the bad step is still found, named, and never checkpointed."""
+    config = tiny_config(dataset="nan_digits", num_train_steps=12, log_every_steps=2)
+    with pytest.raises(train.NonFiniteError, match="at step 6"):
+        train.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+    assert not steps_done(str(tmp_path))
+
+
 def test_nan_batch_is_skipped_with_skip_policy(tmp_path, nan_data):
     config = tiny_config(dataset="nan_digits", num_train_steps=12, nan_policy="skip",
                          progress_bar=True)
