@@ -27,6 +27,29 @@ def tiny_config(**overrides):
     return c
 
 
+def test_the_step_on_leaves_is_the_step_on_the_state():
+    """The trainer calls its step on the state's leaves (``train.on_leaves``): the same
+    numbers, bit for bit, as the step on the structured state; a step that changes the
+    state's structure is refused when traced."""
+    from ratebp_jax import data, methods
+    c = tiny_config()
+    ds = data.load_dataset(c)
+    tx = train.create_optimizer(c, lambda step: c.learning_rate)
+    net, state = train.create_state(c, ds.image_shape, ds.num_classes, tx)
+    step_fn = train.make_train_step(methods.make_grad_fn("rate", net, T=2), tx, "stop")
+    treedef = jax.tree.structure(state)
+    direct, flat = jax.jit(step_fn), jax.jit(train.on_leaves(step_fn, treedef))
+    on_state, on_leaves = state, jax.tree.leaves(state)
+    for _, batch in zip(range(2), ds.train_batches(epoch=0, batch_size=32, seed=0)):
+        on_state, metrics = direct(on_state, batch)
+        on_leaves, flat_metrics = flat(on_leaves, batch)
+    chex.assert_trees_all_equal(jax.tree.unflatten(treedef, on_leaves), on_state)
+    chex.assert_trees_all_equal(flat_metrics, metrics)
+    grows = train.on_leaves(lambda s, b: ({**s, "extra": s["step"]}, {}), treedef)
+    with pytest.raises(ValueError, match="another structure"):
+        jax.jit(grows)(jax.tree.leaves(state), batch)
+
+
 def test_training_writes_records_and_learns(tmp_path):
     config = tiny_config(num_train_steps=0, num_epochs=2, plots=True)
     summary = train.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
