@@ -137,22 +137,25 @@ class LIF(nnx.Module):
         if ctx.step_mode == "multi":
             x_TxN = x.reshape((ctx.T, -1) + x.shape[1:])
             if monitor_only:
-                spikes = neurons.lif_scan(x_TxN, self.cfg)
-                self.rate.set_value(spikes.mean(0))
+                spikes = neurons.lif_forward(x_TxN, self.cfg)
+                self.rate.set_value(neurons.time_mean(spikes))
             elif ctx.record:
                 spikes, rate, elig = neurons.lif_scan_with_eligibility(x_TxN, self.cfg)
                 self.rate.set_value(rate)
                 self.elig.set_value(elig)
-            else:
+            elif not ctx.train:
+                spikes = neurons.lif_forward(x_TxN, self.cfg)
+            else:  # BPTT and its variants
                 spikes = neurons.lif_scan(x_TxN, self.cfg, ctx.temporal_grad)
             return spikes.reshape(x.shape)
         if ctx.record and not monitor_only:
-            fields = (self.u, self.eps_d, self.rate, self.elig)
+            fields = (self.u, self.eps_d, self.elig)
             carry = neurons.EligibilityCarry(*(f.get_value() for f in fields))
-            carry, s = neurons.eligibility_step(
+            carry, s, _ = neurons.eligibility_step(
                 carry, jax.lax.stop_gradient(x), self.cfg, ctx.T)
             for field, value in zip(fields, carry):
                 field.set_value(value)
+            _accumulate(self.rate, s, ctx)
             return s
         u_prev = self.u.get_value()
         if not ctx.temporal_grad:
@@ -428,7 +431,7 @@ class MaxPool(nnx.Module):
         if ctx.record:
             y_sg = at_least_float32(jax.lax.stop_gradient(y))  # the record is float32
             if ctx.step_mode == "multi":
-                y_sg = y_sg.reshape((ctx.T, -1) + y.shape[1:]).mean(0)
+                y_sg = neurons.time_mean(y_sg.reshape((ctx.T, -1) + y.shape[1:]))
             _accumulate(self.out_mean, y_sg, ctx)
         return y
 

@@ -104,6 +104,50 @@ def test_eligibility_of_wrong_reset_mode_differs_from_bptt():
     assert float(jnp.max(jnp.abs(elig_detached - bptt))) > 1e-2
 
 
+@pytest.mark.parametrize("reset", neurons.RESET_MODES)
+@pytest.mark.parametrize("T", [1, 2, 7])
+def test_forward_and_spike_pass_give_the_bptt_scans_spikes_bit_for_bit(reset, T):
+    # lif_forward and the spike pass carry the pre-reset membrane and write over their
+    # input; the spikes, the rates and the eligibilities must not move by a single bit.
+    cfg = neurons.NeuronConfig(reset=reset, lam=0.5, v_reset=-0.2)
+    x_TxN = 1.5 * jax.random.normal(jax.random.key(T), (T, 300)) + 0.5
+    spikes = neurons.lif_scan(x_TxN, cfg)
+    assert 0 < float(spikes.mean()) < 1
+    chex.assert_trees_all_equal(jax.jit(neurons.lif_forward, static_argnums=1)(x_TxN, cfg),
+                                spikes)
+    # The step-by-step eligibility, as single step mode runs it, against the multi mode scan.
+    carry, steps = neurons.eligibility_init(x_TxN.shape[1:], cfg), []
+    for x in x_TxN:
+        carry, s, _ = neurons.eligibility_step(carry, x, cfg, T)
+        steps.append(s)
+    scanned, rate, elig = jax.jit(neurons.lif_scan_with_eligibility, static_argnums=1)(
+        x_TxN, cfg)
+    chex.assert_trees_all_equal(scanned, spikes, jnp.stack(steps))
+    chex.assert_trees_all_equal(rate, spikes.mean(0))
+    # Fused and step-by-step code may round the surrogate's exponential differently.
+    np.testing.assert_allclose(elig, carry.elig, rtol=1e-6, atol=1e-7)
+
+
+def test_time_mean_of_spikes_is_their_mean_bit_for_bit():
+    spikes = (jax.random.uniform(jax.random.key(0), (7, 4, 5)) > 0.6).astype(jnp.float32)
+    chex.assert_trees_all_equal(neurons.time_mean(spikes), spikes.mean(0))
+
+
+def test_forward_writes_its_spikes_over_its_input():
+    # The point of lif_forward: no buffer for the stacked spikes and no copy of the carry.
+    # XLA's compiled memory statistics are deterministic.
+    x_TxN = jnp.zeros((8, 64, 1024))
+    cfg = neurons.NeuronConfig()
+
+    def temp_bytes(fn):
+        return jax.jit(lambda x: fn(2.0 * x, cfg)).lower(x_TxN).compile() \
+            .memory_analysis().temp_size_in_bytes
+
+    scan, forward = temp_bytes(neurons.lif_scan), temp_bytes(neurons.lif_forward)
+    # lif_forward keeps one membrane (plus scalars); the scan a stacked [T, N] buffer too.
+    assert forward < 2 * x_TxN[0].nbytes < x_TxN.nbytes <= scan
+
+
 @pytest.mark.parametrize("field,value", [("lam", 1.0), ("lam", -0.1), ("thresh", 0.0),
                                          ("reset", "soft-ish"), ("surrogate", "erf")])
 def test_bad_neuron_config_names_the_field(field, value):
