@@ -133,19 +133,22 @@ def test_time_mean_of_spikes_is_their_mean_bit_for_bit():
     chex.assert_trees_all_equal(neurons.time_mean(spikes), spikes.mean(0))
 
 
-def test_forward_writes_its_spikes_over_its_input():
-    # The point of lif_forward: no buffer for the stacked spikes and no copy of the carry.
-    # XLA's compiled memory statistics are deterministic.
-    x_TxN = jnp.zeros((8, 64, 1024))
+@pytest.mark.parametrize("T", [2, 3, 8])
+def test_forward_and_spike_pass_write_their_spikes_over_their_input(T):
+    # The point of lif_forward and of the spike pass's loop: no buffer for the stacked
+    # spikes and no copy of the carry. XLA's compiled memory statistics are deterministic.
+    x_TxN = jnp.zeros((T, 64, 1024))
     cfg = neurons.NeuronConfig()
 
     def temp_bytes(fn):
         return jax.jit(lambda x: fn(2.0 * x, cfg)).lower(x_TxN).compile() \
             .memory_analysis().temp_size_in_bytes
 
-    scan, forward = temp_bytes(neurons.lif_scan), temp_bytes(neurons.lif_forward)
-    # lif_forward keeps one membrane (plus scalars); the scan a stacked [T, N] buffer too.
-    assert forward < 2 * x_TxN[0].nbytes < x_TxN.nbytes <= scan
+    scan = temp_bytes(neurons.lif_scan)
+    # The in-place loops keep one membrane (plus scalars; the eligibility is an output);
+    # the scan a stacked [T, N] buffer too.
+    for fn in (neurons.lif_forward, neurons.lif_scan_with_eligibility):
+        assert temp_bytes(fn) < 2 * x_TxN[0].nbytes <= x_TxN.nbytes <= scan, fn.__name__
 
 
 @pytest.mark.parametrize("field,value", [("lam", 1.0), ("lam", -0.1), ("thresh", 0.0),
