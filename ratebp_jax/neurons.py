@@ -220,10 +220,12 @@ def time_mean(x_TxN):
     64]``, take 69 ms against 1.7 ms (docs/RESULTS.md, section 10). A sum of the T slices
     is as fast alone, but XLA fuses it into the rate pass's consumers of the record, and
     the ResNet-18 rate step took 2.02 s with it against 1.65 s with the product. For spikes
-    (0 or 1) all three are exact integer sums divided by T, equal bit for bit.
+    (0 or 1) all three are exact integer sums divided by T, equal bit for bit. The product
+    asks for full precision, so that GPUs do not round other inputs to TF32.
     """
     T = x_TxN.shape[0]
-    return jnp.tensordot(jnp.ones((T,), x_TxN.dtype), x_TxN, axes=1) / T
+    return jnp.tensordot(jnp.ones((T,), x_TxN.dtype), x_TxN, axes=1,
+                         precision=jax.lax.Precision.HIGHEST) / T
 
 
 class EligibilityCarry(NamedTuple):
