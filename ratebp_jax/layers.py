@@ -140,15 +140,14 @@ class LIF(nnx.Module):
         monitor_only = ctx.record and not ctx.train  # evaluation: firing rates, no eligibility
         if ctx.step_mode == "multi":
             x_TxN = x.reshape((ctx.T, -1) + x.shape[1:])
-            if monitor_only:
+            if not ctx.train:  # evaluation
                 spikes = neurons.lif_forward(x_TxN, self.cfg)
-                self.rate.set_value(neurons.time_mean(spikes))
+                if monitor_only:
+                    self.rate.set_value(neurons.time_mean(spikes))
             elif ctx.record:
                 spikes, rate, elig = neurons.lif_scan_with_eligibility(x_TxN, self.cfg)
                 self.rate.set_value(rate)
                 self.elig.set_value(elig)
-            elif not ctx.train:
-                spikes = neurons.lif_forward(x_TxN, self.cfg)
             else:  # BPTT and its variants
                 spikes = neurons.lif_scan(x_TxN, self.cfg, ctx.temporal_grad)
             return spikes.reshape(x.shape)
