@@ -289,15 +289,58 @@ def dense(in_features: int, out_features: int, *, init: str, rngs: nnx.Rngs) -> 
 
 
 class ConvBN(nnx.Module):
-    """conv -> BatchNorm, the unit every model family is built from."""
+    """conv -> BatchNorm, the unit every model family is built from.
+
+    The spike pass (``ctx.record`` in training) records the time mean of the convolution's
+    output, and the rate pass takes that record as the convolution's value and runs only
+    its backward pass (``ratebp.recorded_value``). The convolution is linear, so the time
+    mean of its spike-pass outputs is its output on the rate pass's input, the time mean
+    of its spike-pass inputs (docs/DESIGN.md section 2.3): the same value up to float
+    rounding, for one read of the outputs instead of a convolution. The rate pass then
+    has two convolutions per layer instead of three (ResNet-18, batch 16, T=8: rate pass
+    0.49 -> 0.36 s, the whole step 1.74 -> 1.55 s; docs/RESULTS.md section 10). At T = 1
+    the record is the output itself, bit for bit.
+    """
 
     def __init__(self, in_ch, out_ch, kernel, *, stride=1, bias=False, init=TORCH_DEFAULT,
                  rngs: nnx.Rngs):
         self.conv = conv(in_ch, out_ch, kernel, stride=stride, bias=bias, init=init, rngs=rngs)
         self.bn = BatchNorm(out_ch)
+        self.out_mean = Record(_placeholder())
 
     def __call__(self, x, ctx: Ctx):
-        return self.bn(self.conv(x), ctx)
+        if ctx.phase == "rate":
+            y = _conv_from_record(self.conv, x, self.out_mean.get_value())
+        else:
+            y = self.conv(x)
+            if ctx.record and ctx.train:
+                # In float32 (section "Mixed precision" above): a record, and at T = 1
+                # the value the BatchNorm reads, which XLA may keep in float32.
+                y32 = at_least_float32(y)
+                mean = y32 if ctx.step_mode == "single" else _time_mean_of_folded(y32, ctx.T)
+                _accumulate(self.out_mean, jax.lax.stop_gradient(mean), ctx)
+        return self.bn(y, ctx)
+
+
+def _time_mean_of_folded(y, T: int):
+    """The time mean of a multi step mode activation ``[T*B, ...]``: ``[B, ...]``."""
+    return neurons.time_mean(y.reshape(T, -1, *y.shape[1:]))
+
+
+def _conv_from_record(conv_module: nnx.Conv, x, value):
+    """``conv_module(x)`` with ``value`` as its value: only its backward pass runs."""
+    graphdef, state = nnx.split(conv_module)
+
+    def apply(x, state):
+        return nnx.merge(graphdef, state)(x)
+
+    out = jax.eval_shape(apply, x, state)
+    if value.shape != out.shape:
+        raise ValueError(
+            f"ConvBN.out_mean: the record has shape {value.shape}, the convolution's output "
+            f"{out.shape}; run the spike pass (methods.spike_pass, or a Ctx with record=True "
+            "and train=True) on the same batch before the rate pass")
+    return ratebp.recorded_value(apply, value, x, state)
 
 
 def avg_pool(x, window: int):

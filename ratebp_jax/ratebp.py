@@ -7,6 +7,8 @@ the rate batch's own statistics.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -38,3 +40,36 @@ rate_lif.defvjp(_rate_lif_fwd, _rate_lif_bwd)
 def straight_through(value_stat, grad_stat):
     """``value_stat`` in the forward pass, ``d grad_stat`` in the backward pass."""
     return jax.lax.stop_gradient(value_stat) + grad_stat - jax.lax.stop_gradient(grad_stat)
+
+
+def recorded_value(fn, value, *args):
+    """``value`` in the forward pass, the vector-Jacobian product of ``fn(*args)`` in the
+    backward pass; ``fn`` itself never runs forward.
+
+    For a linear layer (a convolution) in the rate pass: its value on the time-mean input
+    is the time mean of its spike-pass outputs, which the spike pass records for the
+    price of one read of them, so the rate pass skips one convolution per layer and keeps
+    only the two of its backward pass. ``fn`` is a pure function of ``args`` (no captured
+    tracers); ``value`` gets no gradient. ``value`` may be wider than ``fn``'s output (a
+    float32 record of a bfloat16 convolution, which XLA may also have kept in float32 for
+    the BatchNorm that reads it); the cotangent is cast to ``fn``'s output dtype.
+    """
+    return _recorded_value(fn, value, *args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recorded_value(fn, value, *args):
+    del args
+    return value
+
+
+def _recorded_value_fwd(fn, value, *args):
+    return value, args
+
+
+def _recorded_value_bwd(fn, args, g):
+    out, vjp = jax.vjp(fn, *args)
+    return (None, *vjp(g.astype(out.dtype)))
+
+
+_recorded_value.defvjp(_recorded_value_fwd, _recorded_value_bwd)

@@ -11,7 +11,8 @@ from flax import nnx
 from ratebp_jax import analysis, layers, methods, neurons
 from ratebp_jax.layers import Ctx
 
-from conftest import compiled_temp_bytes, grads_of, grads_of_each, rel_err, tiny_setup
+from conftest import (UNOPTIMISED, compiled_temp_bytes, grads_of, grads_of_each, jit_unoptimised,
+                      rel_err, tiny_setup)
 
 
 @pytest.mark.parametrize("step_mode", ["multi", "single"])
@@ -162,6 +163,44 @@ def test_rate_pass_values_equal_spike_pass_time_means(tiny_name, step_mode):
                 want_mean, want_var = per_step_mean.mean(0), per_step_var.mean(0)
             np.testing.assert_allclose(module.spike_mean[...], want_mean, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(module.spike_var[...], want_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("step_mode", ["multi", "single"])
+def test_rate_pass_convolutions_take_their_value_from_the_spike_pass(tiny_name, step_mode,
+                                                                     monkeypatch):
+    """Each ConvBN's convolution runs backward only in the rate pass, with the time mean of
+    its spike-pass outputs as its value: the gradient is the one of running it forward on
+    the rate input (equal by linearity, to float rounding), and the compiled multi mode
+    step has one convolution fewer per ConvBN than that."""
+    net, params, stats, batch = tiny_setup(tiny_name)
+    kw = dict(T=4, step_mode=step_mode)
+    fn = methods.make_grad_fn("rate", net, **kw)
+    (loss, aux), grads = jit_unoptimised(fn)(params, stats, batch)
+    n_convbn = sum(isinstance(m, layers.ConvBN) for _, m in nnx.iter_modules(net.merge(
+        params, stats)))
+    convolutions = analysis.compile_with_stats(fn, params, stats, batch, compiler_options=
+                                               UNOPTIMISED)[0].as_text().count(" convolution(")
+    with monkeypatch.context() as m:
+        m.setattr(layers, "_conv_from_record", lambda conv, x, value: conv(x))
+        fn_forward = methods.make_grad_fn("rate", net, **kw)
+        (loss_f, _), grads_f = jit_unoptimised(fn_forward)(params, stats, batch)
+        convolutions_f = analysis.compile_with_stats(
+            fn_forward, params, stats, batch, compiler_options=UNOPTIMISED)[0].as_text().count(
+            " convolution(")
+    assert rel_err(grads, grads_f) <= 1e-5
+    np.testing.assert_allclose(loss, loss_f, rtol=1e-6)
+    assert float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(grads)[0])) > 1e-3
+    if step_mode == "multi":
+        assert n_convbn > 0 and convolutions == convolutions_f - n_convbn
+
+
+def test_rate_pass_without_records_names_the_missing_record():
+    net, params, stats, batch = tiny_setup("resnet18_tiny")
+    _, _, records = methods.spike_pass(net, params, stats, batch["image"], T=1,
+                                       step_mode="multi")
+    other_batch = jnp.concatenate([batch["image"], batch["image"]])
+    with pytest.raises(ValueError, match=r"ConvBN\.out_mean.*spike pass"):
+        methods.rate_pass(net, params, stats, records, other_batch, T=1, step_mode="multi")
 
 
 def test_multi_and_single_step_modes_give_identical_spikes_without_batchnorm():

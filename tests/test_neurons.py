@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from ratebp_jax import neurons, ratebp
 
@@ -48,6 +49,26 @@ def test_rate_lif_vjp_is_eligibility_times_cotangent():
     gx, gr, ge = vjp(g)
     np.testing.assert_allclose(gx, g * e, rtol=1e-7)
     chex.assert_trees_all_equal((gr, ge), (jnp.zeros_like(r), jnp.zeros_like(e)))
+
+
+def test_recorded_value_has_the_given_value_and_the_vjp_of_its_function():
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x, w, value = (jax.random.normal(k, s) for k, s in zip(
+        jax.random.split(jax.random.key(0), 3), [(2, 5, 5, 3), (3, 3, 3, 4), (2, 5, 5, 4)]))
+    out, vjp = jax.vjp(lambda x, w: ratebp.recorded_value(conv, value, x, w), x, w)
+    np.testing.assert_array_equal(out, value)
+    g = jax.random.normal(jax.random.key(3), value.shape)
+    chex.assert_trees_all_close(vjp(g), jax.vjp(conv, x, w)[1](g), rtol=1e-6)
+    # Numerically: with fn's own output as the value, the function is fn, and its gradient
+    # must be fn's derivative.
+    check_grads(lambda x, w: ratebp.recorded_value(conv, conv(x, w), x, w), (x, w),
+                order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+    # The record gets no gradient.
+    g_value = jax.grad(lambda v: ratebp.recorded_value(conv, v, x, w).sum())(value)
+    chex.assert_trees_all_equal(g_value, jnp.zeros_like(value))
 
 
 def test_straight_through_value_and_gradient_match_finite_differences():

@@ -9,6 +9,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
 from ratebp_jax import analysis, layers, methods, models
@@ -159,17 +160,26 @@ def test_bfloat16_step_convolves_and_multiplies_in_bfloat16():
     # neurons.time_mean sums each LIF's float32 spikes over time as a product of a vector of
     # ones [T] with them: a reduction, not a layer, and its records are float32 by design.
     dots = [line for line in dots if not re.search(r":\s*\(tensor<\d+xf32>,", line)]
-    # 6 convolutions and 2 dense layers, each in the spike pass, the rate pass and its
-    # kernel gradient (input gradients come on top)
-    assert len(convs) >= 3 * 6 and len(dots) >= 3 * 2
+    # 6 convolutions, each in the spike pass and in the rate pass's kernel gradient, and the
+    # input gradients of all but the stem (the rate pass takes the convolutions' values
+    # from the spike pass, layers.ConvBN); 2 dense layers, each in the spike pass, the rate
+    # pass and its kernel gradient
+    assert len(convs) >= 2 * 6 + 5 and len(dots) >= 3 * 2
     for line in convs + dots:
         operand_types = re.search(r":\s*\((.*)\)\s*->", line).group(1)
         assert "f32" not in operand_types and "bf16" in operand_types, line
 
 
 # --------------------------------------------------------------------------- memory
+@pytest.mark.xfail(jax.default_backend() == "cpu", strict=True, reason=(
+    "XLA:CPU has no bfloat16 convolution: since the rate pass takes its convolutions' "
+    "values from float32 records (layers.ConvBN), the float32 step is the smaller one "
+    "(7.279 against 7.546 MB)"))
 def test_bfloat16_rate_step_needs_less_compiled_memory():
     """XLA's compiled temporary memory of a rate step (T=4) is smaller in bfloat16.
+
+    Expected to fail on XLA:CPU (strict: a pass there is reported), true where bfloat16
+    convolutions are native (the H200: all 16 programs of docs/RESULTS.md, GPU section).
 
     On XLA:CPU the saving is small and needs a batch whose activations outweigh the
     kernels: XLA:CPU has no bfloat16 convolution, so it rounds each operand to bfloat16 and
@@ -181,7 +191,11 @@ def test_bfloat16_rate_step_needs_less_compiled_memory():
     negligible, at batch 256: 7.546 MB against 7.672 MB in float32. (At batch 64 it was
     2.366 against 2.424 MiB until the LIF loops wrote their float32 spikes over their
     input, which saves float32 more than bfloat16, whose LIFs still return a bfloat16 copy:
-    now 1.891 against 1.886 MB.)
+    now 1.891 against 1.886 MB.) Then the rate pass stopped running its convolutions
+    forward (``layers.ConvBN``), which saved float32 0.39 MB here and bfloat16 nothing, as
+    its peak is elsewhere: 7.279 MB in float32 against 7.546 in bfloat16 at batch 256, so on
+    XLA:CPU the direction is now the other way. It is kept as a strict expected failure
+    there, so that a change of either is seen.
     """
     net, params, stats, _ = tiny_setup("resnet18_tiny")
     batch = analysis.random_batch(jax.random.key(0), 256, 8, 3, 5)
