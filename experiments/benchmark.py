@@ -9,8 +9,10 @@ step (temp_bytes, argument_bytes), compile time, and the median step time after 
 (blocking on the result); plus the spike-mode forward alone (infer_s), the floor no
 training method can beat. Ratios are taken within this one run: method/BPTT time and
 memory at the same T and step mode, step/inference time (the physical lower bound is about
-(T+3)/T for rate-BP and 3 for BPTT: one forward plus two backward passes' worth of work),
-and memory at T over memory at T=1. All programs of one (step mode, T) are compiled first and
+(T+2)/T for rate-BP, whose rate pass runs only the two backward convolutions of each
+conv-BatchNorm layer, as ``layers.ConvBN`` takes its forward value from the spike pass;
+and 3 for BPTT: one forward plus two backward passes' worth of work), and memory at T
+over memory at T=1. All programs of one (step mode, T) are compiled first and
 then timed round robin, so that drift of the machine touches them alike. ``--breakdown``
 also times rate-BP's spike pass and rate pass on their own. ``--dtype bfloat16`` runs the
 convolutions and dense layers in bfloat16 (``models.set_compute_dtype``); every row and
@@ -177,12 +179,12 @@ def print_table(rows):
               f"{fmt(r['temp_vs_first_T'], 2):>8}")
     split = [r for r in rows if r.get("spike_pass_s") is not None]
     if split:
-        print("\nrate-BP step by pass, over inference (floor: 1 for the spike pass, 3/T for "
-              "the rate pass)")
+        print("\nrate-BP step by pass, over inference (floor: 1 for the spike pass, 2/T for "
+              "the rate pass: two backward convolutions per layer)")
         for r in split:
             print(f"  {r['step_mode']:<7}T={r['T']:<3} spike pass "
                   f"{r['spike_pass_over_infer']:.3f}  rate pass {r['rate_pass_over_infer']:.3f}"
-                  f" (3/T = {3 / r['T']:.3f})  whole step {r['step_over_infer']:.3f}")
+                  f" (2/T = {2 / r['T']:.3f})  whole step {r['step_over_infer']:.3f}")
 
 
 def plot(rows, path):

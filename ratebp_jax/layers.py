@@ -297,9 +297,9 @@ class ConvBN(nnx.Module):
     mean of its spike-pass outputs is its output on the rate pass's input, the time mean
     of its spike-pass inputs (docs/DESIGN.md section 2.3): the same value up to float
     rounding, for one read of the outputs instead of a convolution. The rate pass then
-    has two convolutions per layer instead of three (ResNet-18, batch 16, T=8: rate pass
-    0.49 -> 0.36 s, the whole step 1.74 -> 1.55 s; docs/RESULTS.md section 10). At T = 1
-    the record is the output itself, bit for bit.
+    has two convolutions per layer instead of three (ResNet-18, batch 16, T=8, 2 CPU cores:
+    rate pass 0.49-0.51 -> 0.36 s, whole step 1.74-1.75 -> 1.55-1.59 s; docs/RESULTS.md
+    section 10). At T = 1 the record is the output itself, bit for bit.
     """
 
     def __init__(self, in_ch, out_ch, kernel, *, stride=1, bias=False, init=TORCH_DEFAULT,

@@ -44,7 +44,8 @@ def straight_through(value_stat, grad_stat):
 
 def recorded_value(fn, value, *args):
     """``value`` in the forward pass, the vector-Jacobian product of ``fn(*args)`` in the
-    backward pass; ``fn`` itself never runs forward.
+    backward pass. ``fn``'s own output is never used, so for a linear ``fn``, whose VJP does
+    not need it, XLA removes its forward computation.
 
     For a linear layer (a convolution) in the rate pass: its value on the time-mean input
     is the time mean of its spike-pass outputs, which the spike pass records for the
