@@ -178,8 +178,10 @@ def test_bfloat16_step_convolves_and_multiplies_in_bfloat16():
 def test_bfloat16_rate_step_needs_less_compiled_memory():
     """XLA's compiled temporary memory of a rate step (T=4) is smaller in bfloat16.
 
-    Expected to fail on XLA:CPU (strict: a pass there is reported), true where bfloat16
-    convolutions are native (the H200: all 16 programs of docs/RESULTS.md, GPU section).
+    Expected to fail on XLA:CPU (strict: a pass there is reported). Where bfloat16
+    convolutions are native it held on the H200 for all 16 programs of docs/RESULTS.md, GPU
+    section, measured before the rate pass took its convolutions' values from records (not
+    re-measured since).
 
     On XLA:CPU the saving is small and needs a batch whose activations outweigh the
     kernels: XLA:CPU has no bfloat16 convolution, so it rounds each operand to bfloat16 and
