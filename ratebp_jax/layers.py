@@ -314,17 +314,20 @@ class ConvBN(nnx.Module):
         else:
             y = self.conv(x)
             if ctx.record and ctx.train:
-                # In float32 (section "Mixed precision" above): a record, and at T = 1
-                # the value the BatchNorm reads, which XLA may keep in float32.
-                y32 = at_least_float32(y)
-                mean = y32 if ctx.step_mode == "single" else _time_mean_of_folded(y32, ctx.T)
-                _accumulate(self.out_mean, jax.lax.stop_gradient(mean), ctx)
+                # Float32 also keeps, at T = 1, the value the BatchNorm reads, which XLA may
+                # not have rounded to a bfloat16 convolution's dtype.
+                _record_time_mean(self.out_mean, y, ctx)
         return self.bn(y, ctx)
 
 
-def _time_mean_of_folded(y, T: int):
-    """The time mean of a multi step mode activation ``[T*B, ...]``: ``[B, ...]``."""
-    return neurons.time_mean(y.reshape(T, -1, *y.shape[1:]))
+def _record_time_mean(var: Record, y, ctx: Ctx):
+    """Record the time mean of the spike-pass output ``y``, in float32 (see
+    :func:`at_least_float32`): multi mode sets it from all T steps of ``[T*B, ...]``,
+    single mode adds this step's share (:func:`_accumulate`)."""
+    y = at_least_float32(jax.lax.stop_gradient(y))
+    if ctx.step_mode == "multi":
+        y = neurons.time_mean(y.reshape((ctx.T, -1) + y.shape[1:]))
+    _accumulate(var, y, ctx)
 
 
 def _conv_from_record(conv_module: nnx.Conv, x, value):
@@ -475,10 +478,7 @@ class MaxPool(nnx.Module):
         if ctx.phase == "rate":
             return ratebp.straight_through(self.out_mean.get_value(), y).astype(y.dtype)
         if ctx.record:
-            y_sg = at_least_float32(jax.lax.stop_gradient(y))  # the record is float32
-            if ctx.step_mode == "multi":
-                y_sg = neurons.time_mean(y_sg.reshape((ctx.T, -1) + y.shape[1:]))
-            _accumulate(self.out_mean, y_sg, ctx)
+            _record_time_mean(self.out_mean, y, ctx)
         return y
 
 

@@ -42,6 +42,7 @@ def straight_through(value_stat, grad_stat):
     return jax.lax.stop_gradient(value_stat) + grad_stat - jax.lax.stop_gradient(grad_stat)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def recorded_value(fn, value, *args):
     """``value`` in the forward pass, the vector-Jacobian product of ``fn(*args)`` in the
     backward pass. ``fn``'s own output is never used, so for a linear ``fn``, whose VJP does
@@ -55,11 +56,6 @@ def recorded_value(fn, value, *args):
     float32 record of a bfloat16 convolution, which XLA may also have kept in float32 for
     the BatchNorm that reads it); the cotangent is cast to ``fn``'s output dtype.
     """
-    return _recorded_value(fn, value, *args)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recorded_value(fn, value, *args):
     del args
     return value
 
@@ -73,4 +69,4 @@ def _recorded_value_bwd(fn, args, g):
     return (None, *vjp(g.astype(out.dtype)))
 
 
-_recorded_value.defvjp(_recorded_value_fwd, _recorded_value_bwd)
+recorded_value.defvjp(_recorded_value_fwd, _recorded_value_bwd)
