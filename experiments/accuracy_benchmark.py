@@ -12,20 +12,17 @@ dtype.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import tempfile
 
 import numpy as np
 
-import cli_errors
 from configs import default
-from ratebp_jax import methods, models, train
+from ratebp_jax import cli, methods, models, train
 from ratebp_jax.layers import STEP_MODES
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=["bptt", "rate"],
                    help=f"training methods, of {', '.join(methods.METHODS)}")
     p.add_argument("--step-modes", nargs="+", default=["multi", "single"],
@@ -46,17 +43,17 @@ def parse_args(argv=None):
 def validate(args):
     """Every flag, before the first run trains or a file is written; a bad one raises
     UsageError naming the flag, the value and what is allowed."""
-    cli_errors.check_choices("--methods", args.methods, methods.METHODS)
-    cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
-    cli_errors.check_choices("--dtypes", args.dtypes, models.COMPUTE_DTYPES)
+    cli.check_choices("--methods", args.methods, methods.METHODS)
+    cli.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    cli.check_choices("--dtypes", args.dtypes, models.COMPUTE_DTYPES)
     for seed in args.seeds:
-        cli_errors.check_int("--seeds", seed, 0, 2**32 - 1)
+        cli.check_int("--seeds", seed, 0, 2**32 - 1)
     if args.num_epochs is not None:
-        cli_errors.check_int("--num-epochs", args.num_epochs)
-    cli_errors.check_int("--num-train-steps", args.num_train_steps, 0)
+        cli.check_int("--num-epochs", args.num_epochs)
+    cli.check_int("--num-train-steps", args.num_train_steps, 0)
     if args.T is not None:
-        cli_errors.check_int("--T", args.T)
-    cli_errors.check_output_path("--json", args.json)
+        cli.check_int("--T", args.T)
+    cli.check_output_path("--json", args.json)
 
 
 def make_config(args, method, mode, dtype, seed):
@@ -117,5 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    cli_errors.run(main)
+    cli.run(main)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-import cli_errors
+from ratebp_jax import cli
 
 HERE = os.path.abspath(__file__)
 
@@ -103,7 +103,7 @@ def run_side(python: str, side: str, args) -> dict:
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--torch-python", default=sys.executable,
                    help="an interpreter with torch installed (default: this one)")
     p.add_argument("--batch", type=int, default=16, help="B (default 16)")
@@ -116,8 +116,8 @@ def parse_args(argv=None):
                    help="internal: run one side and print its JSON")
     args = p.parse_args(argv)
     for name in ("batch", "T", "rounds", "repeats"):
-        cli_errors.check_int(f"--{name}", getattr(args, name), 1)
-    cli_errors.check_output_path("--json", args.json)
+        cli.check_int(f"--{name}", getattr(args, name), 1)
+    cli.check_output_path("--json", args.json)
     if shutil.which(args.torch_python) is None:
         raise ValueError(f"--torch-python={args.torch_python}: no such executable; give the "
                          f"python of an environment that has torch")
@@ -152,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

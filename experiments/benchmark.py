@@ -25,13 +25,12 @@ import os
 
 import jax
 
-import cli_errors
-from ratebp_jax import analysis, methods, models
+from ratebp_jax import analysis, cli, methods, models
 from ratebp_jax.layers import DEFAULT_POOL_TIES, POOL_TIES, STEP_MODES
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet18", help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--batch", type=int, default=16, help="images per training step")
     p.add_argument("--image-size", type=int, default=32, help="height and width of the images")
@@ -63,21 +62,21 @@ def parse_args(argv=None):
 def validate(args):
     """Every flag, before anything is compiled or written; a bad one raises UsageError
     naming the flag, the value and what is allowed."""
-    cli_errors.check_choices("--model", [args.model], models.MODELS)
+    cli.check_choices("--model", [args.model], models.MODELS)
     for flag in ("--batch", "--image-size", "--num-classes"):
-        cli_errors.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
+        cli.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
     for T in args.T:
-        cli_errors.check_int("--T", T)
-    cli_errors.check_choices("--methods", args.methods, methods.METHODS)
-    cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
-    cli_errors.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
-    cli_errors.check_choices("--pool-ties", [args.pool_ties], POOL_TIES)
-    cli_errors.check_int("--repeats", args.repeats, 0)
+        cli.check_int("--T", T)
+    cli.check_choices("--methods", args.methods, methods.METHODS)
+    cli.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    cli.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
+    cli.check_choices("--pool-ties", [args.pool_ties], POOL_TIES)
+    cli.check_int("--repeats", args.repeats, 0)
     if args.breakdown and "rate" not in args.methods:
-        raise cli_errors.UsageError(f"--breakdown: times rate-BP's passes, but --methods="
+        raise cli.UsageError(f"--breakdown: times rate-BP's passes, but --methods="
                                     f"{' '.join(args.methods)} has no rate")
-    cli_errors.check_output_path("--json", args.json)
-    cli_errors.check_output_path("--plot", args.plot)
+    cli.check_output_path("--json", args.json)
+    cli.check_output_path("--plot", args.plot)
     check_plot_format(args.plot)
 
 
@@ -91,7 +90,7 @@ def check_plot_format(path):
     ext = os.path.splitext(path)[1][1:].lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if ext and ext not in formats:
-        raise cli_errors.UsageError(f"--plot={path!r}: unknown image format {ext!r}; allowed "
+        raise cli.UsageError(f"--plot={path!r}: unknown image format {ext!r}; allowed "
                                     f"are {', '.join(sorted(formats))}")
 
 
@@ -234,4 +233,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

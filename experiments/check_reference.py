@@ -16,8 +16,7 @@ import sys
 
 import numpy as np
 
-import cli_errors
-from ratebp_jax import parity
+from ratebp_jax import cli, parity
 
 
 def vector_files(paths):
@@ -29,9 +28,9 @@ def vector_files(paths):
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise cli_errors.UsageError(f"FILE_OR_DIR={path!r}: no such file or directory")
+            raise cli.UsageError(f"FILE_OR_DIR={path!r}: no such file or directory")
     if not files:
-        raise cli_errors.UsageError(f"FILE_OR_DIR={' '.join(paths)!r}: no vector files "
+        raise cli.UsageError(f"FILE_OR_DIR={' '.join(paths)!r}: no vector files "
                                     f"(*_seed*.json)")
     for path in files:
         check_vector(path)
@@ -45,26 +44,26 @@ def check_vector(path):
         with open(path) as f:
             arch = json.load(f).get("arch")
     except (OSError, ValueError, AttributeError) as e:
-        raise cli_errors.UsageError(f"FILE_OR_DIR={path!r}: not a reference vector file "
+        raise cli.UsageError(f"FILE_OR_DIR={path!r}: not a reference vector file "
                                     f"({type(e).__name__}: {e})") from None
     if not isinstance(arch, str):
-        raise cli_errors.UsageError(f"FILE_OR_DIR={path!r}: not a reference vector file (no "
+        raise cli.UsageError(f"FILE_OR_DIR={path!r}: not a reference vector file (no "
                                     f"\"arch\" name)")
     keys = os.path.join(os.path.dirname(path), f"keys_{arch}.txt")
     if not os.path.isfile(keys):
-        raise cli_errors.UsageError(f"FILE_OR_DIR={path!r}: arch={arch!r} needs "
+        raise cli.UsageError(f"FILE_OR_DIR={path!r}: arch={arch!r} needs "
                                     f"{os.path.basename(keys)} beside it")
 
 
 def main(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR",
                    help="reference vector files (*_seed*.json), or folders of them")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--float64", action="store_true",
                    help="compute in float64 (rules out float32 threshold ties)")
     args = p.parse_args(argv)
-    cli_errors.check_output_path("--json", args.json)
+    cli.check_output_path("--json", args.json)
     files = vector_files(args.paths)
     if args.float64:
         import jax
@@ -87,4 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

@@ -32,8 +32,7 @@ import os
 import jax
 import numpy as np
 
-import cli_errors
-from ratebp_jax import analysis, methods, models, neurons
+from ratebp_jax import analysis, cli, methods, models, neurons
 from ratebp_jax.layers import STEP_MODES
 
 RANDOM_DEFAULTS = {"T": [1, 2, 4], "step_modes": ["multi", "single"]}
@@ -47,7 +46,7 @@ MODEL_FLAGS = ("model", "batch", "image_size", "num_classes", "in_channels", "dt
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=None,
                    help="compare on this finished (or interrupted) run's checkpoint and "
                         "training data instead of random weights and data")
@@ -104,35 +103,35 @@ RANDOM_MODEL_DEFAULTS = {"model": "resnet18_tiny", "batch": 8, "image_size": 32,
 def validate(args):
     """Every flag, before a model is built or a file written; a bad one raises UsageError
     naming the flag, the value and what is allowed. Fills in the defaults of the mode."""
-    cli_errors.check_int("--batches", args.batches)
+    cli.check_int("--batches", args.batches)
     if args.workdir is not None:
         given = [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if getattr(args, f) is not None]
         if given:
-            raise cli_errors.UsageError(f"{', '.join(given)}: taken from the run's config with "
+            raise cli.UsageError(f"{', '.join(given)}: taken from the run's config with "
                                         f"--workdir; leave {'them' if len(given) > 1 else 'it'}"
                                         f" out")
         if not os.path.isfile(os.path.join(args.workdir, "config.json")):
-            raise cli_errors.UsageError(f"--workdir={args.workdir!r}: no config.json there; "
+            raise cli.UsageError(f"--workdir={args.workdir!r}: no config.json there; "
                                         f"give the workdir of a training run")
         validate_common(args)
-        cli_errors.check_output_path("--json", args.json)
+        cli.check_output_path("--json", args.json)
         return
     if args.best:
-        raise cli_errors.UsageError("--best: needs --workdir")
+        raise cli.UsageError("--best: needs --workdir")
     for field, value in {**RANDOM_MODEL_DEFAULTS, **RANDOM_DEFAULTS}.items():
         if getattr(args, field) is None:
             setattr(args, field, value)
-    cli_errors.check_choices("--model", [args.model], models.MODELS)
+    cli.check_choices("--model", [args.model], models.MODELS)
     for flag in ("--batch", "--image-size", "--num-classes", "--in-channels"):
-        cli_errors.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
+        cli.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
     validate_common(args)
-    cli_errors.check_choices("--reset", [args.reset], neurons.RESET_MODES)
-    cli_errors.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
-    cli_errors.check_choices("--rate-grad-scale", [args.rate_grad_scale],
+    cli.check_choices("--reset", [args.reset], neurons.RESET_MODES)
+    cli.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
+    cli.check_choices("--rate-grad-scale", [args.rate_grad_scale],
                              methods.RATE_GRAD_SCALES)
-    cli_errors.check_float("--input-scale", args.input_scale, 0, low_open=True)
-    cli_errors.check_int("--seed", args.seed, 0, 2**32 - 1)
-    cli_errors.check_output_path("--json", args.json)
+    cli.check_float("--input-scale", args.input_scale, 0, low_open=True)
+    cli.check_int("--seed", args.seed, 0, 2**32 - 1)
+    cli.check_output_path("--json", args.json)
 
 
 def compare(args) -> list[dict]:
@@ -194,9 +193,9 @@ def real_batches(dataset, batch_size: int, count: int, seed: int) -> list[dict]:
 def validate_common(args):
     """The flags both modes share (``--T`` and ``--step-modes`` may still be unset)."""
     for T in args.T or []:
-        cli_errors.check_int("--T", T)
-    cli_errors.check_choices("--methods", args.methods, methods.METHODS)
-    cli_errors.check_choices("--step-modes", args.step_modes or [], STEP_MODES)
+        cli.check_int("--T", T)
+    cli.check_choices("--methods", args.methods, methods.METHODS)
+    cli.check_choices("--step-modes", args.step_modes or [], STEP_MODES)
 
 
 def compare_all(args, net, params, batch_stats, batches, layers, **record) -> list[dict]:
@@ -264,7 +263,7 @@ def _json_safe(x):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli_errors.check_choices("--precision", [args.precision], PRECISIONS)  # before it is set
+    cli.check_choices("--precision", [args.precision], PRECISIONS)  # before it is set
     with jax.default_matmul_precision(args.precision):
         results = compare(args)
     print_table(results)
@@ -274,4 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

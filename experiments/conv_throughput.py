@@ -29,8 +29,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-import cli_errors
-from ratebp_jax import analysis, convolution, models
+from ratebp_jax import analysis, cli, convolution, models
 from ratebp_jax.layers import STEP_MODES, Ctx
 
 LAYOUTS = ("NHWC", "NCHW")
@@ -38,7 +37,7 @@ OPS = ("forward", "input_grad", "kernel_grad")
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet18", help=f"one of {', '.join(models.MODELS)}")
     p.add_argument("--batch", type=int, default=16, help="images per training step, B")
     p.add_argument("--T", type=int, default=8, help="time steps (multi mode runs T*B images)")
@@ -63,13 +62,13 @@ def parse_args(argv=None):
 
 
 def validate(args):
-    cli_errors.check_choices("--model", [args.model], models.MODELS)
+    cli.check_choices("--model", [args.model], models.MODELS)
     for flag in ("--batch", "--T", "--image-size", "--repeats"):
-        cli_errors.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
-    cli_errors.check_int("--peak-size", args.peak_size, 16)
-    cli_errors.check_choices("--step-modes", args.step_modes, STEP_MODES)
-    cli_errors.check_choices("--layouts", args.layouts, LAYOUTS)
-    cli_errors.check_output_path("--json", args.json)
+        cli.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
+    cli.check_int("--peak-size", args.peak_size, 16)
+    cli.check_choices("--step-modes", args.step_modes, STEP_MODES)
+    cli.check_choices("--layouts", args.layouts, LAYOUTS)
+    cli.check_output_path("--json", args.json)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -231,4 +230,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

@@ -13,19 +13,19 @@ import json
 
 import jax
 
-import cli_errors
+from ratebp_jax import cli
 
 PROGRAMS = ("infer", "rate", "bptt", "bptt_remat")
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", metavar="BENCH_JSON", help="benchmark.py --json files")
     p.add_argument("--batch", type=int, required=True, help="the batch size they were run at")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
-    cli_errors.check_int("--batch", args.batch)
-    cli_errors.check_output_path("--json", args.json)
+    cli.check_int("--batch", args.batch)
+    cli.check_output_path("--json", args.json)
     return args
 
 
@@ -52,7 +52,7 @@ def main(argv=None):
     bench_rows = []
     for path in args.files:
         if not path.endswith(".json"):
-            raise cli_errors.UsageError(f"BENCH_JSON={path!r}: must be a benchmark.py --json file")
+            raise cli.UsageError(f"BENCH_JSON={path!r}: must be a benchmark.py --json file")
         with open(path) as f:
             bench_rows += json.load(f)["results"]
     rows = device_rows(bench_rows, args.batch)
@@ -69,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

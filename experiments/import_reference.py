@@ -18,12 +18,12 @@ import os
 
 from absl import app, flags, logging
 
-import cli_errors
+from ratebp_jax import cli
 
 FLAGS = flags.FLAGS
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
-cli_errors.define_config_flag(DEFAULT_CONFIG, "Training configuration the checkpoint is for.")
+cli.define_config_flag(DEFAULT_CONFIG, "Training configuration the checkpoint is for.")
 flags.DEFINE_string("model", None, "Zoo model name (default: config.model).")
 flags.DEFINE_string("state-dict", None, "The reference state_dict (.npz, or .pth/.pt with "
                     "torch installed).", required=True)
@@ -39,9 +39,9 @@ def check_flags() -> None:
     """The plain flags, before anything is loaded."""
     from ratebp_jax import models
     if FLAGS.model is not None:
-        cli_errors.check_choices("--model", [FLAGS.model], models.MODELS)
+        cli.check_choices("--model", [FLAGS.model], models.MODELS)
     for name in ("num-classes", "in-channels", "image-size"):
-        cli_errors.check_int(f"--{name}", FLAGS[name].value)
+        cli.check_int(f"--{name}", FLAGS[name].value)
 
 
 def check_workdir(workdir: str) -> None:
@@ -52,7 +52,7 @@ def check_workdir(workdir: str) -> None:
     for sub in ("checkpoints", "best"):
         folder = os.path.join(workdir, sub)
         if os.path.isdir(folder) and os.listdir(folder):
-            raise cli_errors.UsageError(f"--workdir={workdir!r}: already holds checkpoints "
+            raise cli.UsageError(f"--workdir={workdir!r}: already holds checkpoints "
                                         f"({sub}/); import into a new or empty workdir")
 
 
@@ -65,7 +65,7 @@ def checked_config():
     try:
         train.validate_config(config)
     except ValueError as e:
-        raise cli_errors.UsageError(f"config.{e}") from None
+        raise cli.UsageError(f"config.{e}") from None
     return config
 
 
@@ -102,7 +102,7 @@ def main(argv):
 def run(argv=None) -> None:
     """The command line (``sys.argv`` when ``argv`` is None): a user error is one line on
     stderr and exit status 2."""
-    cli_errors.run(lambda args: app.run(main, argv=args, flags_parser=cli_errors.absl_flags_parser(DEFAULT_CONFIG)), argv)
+    cli.run(lambda args: app.run(main, argv=args, flags_parser=cli.absl_flags_parser(DEFAULT_CONFIG)), argv)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,12 @@ import time
 import jax
 import numpy as np
 
-import cli_errors
 from configs import default
-from ratebp_jax import data, methods, models, train
+from ratebp_jax import cli, data, methods, models, train
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="vgg_tiny", help="a zoo model, the smallest by default")
     p.add_argument("--examples", type=int, default=8192,
                    help="training examples of the random dataset (batch 64)")
@@ -44,11 +43,11 @@ def parse_args(argv=None):
                    help="times to run the loop and the bare loop, alternately")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
-    cli_errors.check_choices("--model", [args.model], models.MODELS)
-    cli_errors.check_int("--epochs", args.epochs, 2)
-    cli_errors.check_int("--rounds", args.rounds, 1)
-    cli_errors.check_int("--examples", args.examples, 64)
-    cli_errors.check_output_path("--json", args.json)
+    cli.check_choices("--model", [args.model], models.MODELS)
+    cli.check_int("--epochs", args.epochs, 2)
+    cli.check_int("--rounds", args.rounds, 1)
+    cli.check_int("--examples", args.examples, 64)
+    cli.check_output_path("--json", args.json)
     return args
 
 
@@ -135,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

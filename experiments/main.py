@@ -28,7 +28,7 @@ import sys
 
 from absl import app, flags, logging
 
-import cli_errors
+from ratebp_jax import cli as cli_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")

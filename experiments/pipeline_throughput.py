@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-import cli_errors
+from ratebp_jax import cli
 from ratebp_jax.data import augment, pipeline
 from ratebp_jax.data.autoaugment import auto_augment_cifar10
 from ratebp_jax.data.tfds_datasets import CIFAR_STATS
@@ -51,7 +51,7 @@ def measure(dataset: pipeline.Dataset, batch: int, steps: int, workers: int) -> 
 
 
 def main(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                    help="worker process counts to measure, each >= 0 (0: built in line in "
                         "this process)")
@@ -61,12 +61,12 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     for workers in args.workers:
-        cli_errors.check_int("--workers", workers, 0)
-    cli_errors.check_int("--batch", args.batch)
+        cli.check_int("--workers", workers, 0)
+    cli.check_int("--batch", args.batch)
     if args.images < args.batch:  # at least one timed batch
-        raise cli_errors.UsageError(f"--images={args.images}: must be an integer >= --batch "
+        raise cli.UsageError(f"--images={args.images}: must be an integer >= --batch "
                                     f"({args.batch})")
-    cli_errors.check_output_path("--json", args.json)
+    cli.check_output_path("--json", args.json)
     steps = args.images // args.batch
     dataset = cifar_shaped((steps + 1) * args.batch)
     rows = []
@@ -82,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

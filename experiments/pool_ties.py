@@ -21,8 +21,7 @@ import time
 import jax
 import numpy as np
 
-import cli_errors
-from ratebp_jax import analysis, data, layers, methods, models, train
+from ratebp_jax import analysis, cli, data, layers, methods, models, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configs import default
@@ -32,7 +31,7 @@ POOLED_MODELS = [name for name in models.MODELS if name.startswith(("sew_", "pre
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default="/tmp/pool_ties", help="folder of the runs' workdirs")
     p.add_argument("--model", default="sew_resnet_tiny",
                    help=f"a model with a max pool, of {', '.join(POOLED_MODELS)}")
@@ -45,15 +44,15 @@ def parse_args(argv=None):
                    help="training batches (epoch 0, seed 0) the gradients are compared on")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    cli_errors.check_choices("--model", [args.model], POOLED_MODELS)
-    cli_errors.check_choices("--rules", args.rules, layers.POOL_TIES)
+    cli.check_choices("--model", [args.model], POOLED_MODELS)
+    cli.check_choices("--rules", args.rules, layers.POOL_TIES)
     if os.path.isfile(args.root):
-        raise cli_errors.UsageError(f"--root={args.root!r}: is a file; give a folder")
+        raise cli.UsageError(f"--root={args.root!r}: is a file; give a folder")
     for flag in ("T", "epochs", "batches"):
-        cli_errors.check_int(f"--{flag}", getattr(args, flag))
+        cli.check_int(f"--{flag}", getattr(args, flag))
     for seed in args.seeds:
-        cli_errors.check_int("--seeds", seed, 0)
-    cli_errors.check_output_path("--json", args.json)
+        cli.check_int("--seeds", seed, 0)
+    cli.check_output_path("--json", args.json)
     return args
 
 
@@ -174,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-import cli_errors
+from ratebp_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
@@ -63,28 +63,28 @@ def read_notebook(path: str):
     import nbformat
 
     if not path.endswith(".ipynb"):
-        raise cli_errors.UsageError(f"NOTEBOOK={path!r}: not a notebook (*.ipynb)")
+        raise cli.UsageError(f"NOTEBOOK={path!r}: not a notebook (*.ipynb)")
     if not os.path.isfile(path):
         what = "is a directory" if os.path.isdir(path) else "no such file"
-        raise cli_errors.UsageError(f"NOTEBOOK={path!r}: {what}")
+        raise cli.UsageError(f"NOTEBOOK={path!r}: {what}")
     try:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
     except Exception as e:  # noqa: BLE001 - nbformat raises many kinds for a bad file
         gist = str(e).splitlines()[0] if str(e) else ""
-        raise cli_errors.UsageError(f"NOTEBOOK={path!r}: not a readable notebook "
+        raise cli.UsageError(f"NOTEBOOK={path!r}: not a readable notebook "
                                     f"({type(e).__name__}: {gist})") from None
     return nb
 
 
 def main(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="*", metavar="NOTEBOOK",
                    help="notebooks to run (default: every notebooks/*.ipynb)")
     p.add_argument("--timeout", type=int, default=CELL_TIMEOUT_S,
                    help="seconds a cell may run before the notebook fails")
     args = p.parse_args(argv)
-    cli_errors.check_int("--timeout", args.timeout)
+    cli.check_int("--timeout", args.timeout)
     paths = args.paths or sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
     notebooks = [(path, read_notebook(path)) for path in paths]  # all checked before any runs
 
@@ -111,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-import cli_errors
+from ratebp_jax import cli
 
 # name -> XLA flags. The jaxlib's flags: strings libjax_common.so | grep -o "xla_cpu_[a-z_0-9]*".
 CONFIGS = {
@@ -45,7 +45,7 @@ CONFIGS = {
 
 
 def parse_args(argv=None):
-    p = cli_errors.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS),
                    help=f"configurations to measure, of {', '.join(CONFIGS)} (base is always "
                         f"measured)")
@@ -64,12 +64,12 @@ def parse_args(argv=None):
 def validate(args):
     from ratebp_jax import models
     from ratebp_jax.layers import STEP_MODES
-    cli_errors.check_choices("--configs", args.configs, CONFIGS)
-    cli_errors.check_choices("--model", [args.model], models.MODELS)
-    cli_errors.check_choices("--step-mode", [args.step_mode], STEP_MODES)
+    cli.check_choices("--configs", args.configs, CONFIGS)
+    cli.check_choices("--model", [args.model], models.MODELS)
+    cli.check_choices("--step-mode", [args.step_mode], STEP_MODES)
     for flag in ("--rounds", "--batch", "--image-size", "--T", "--repeats"):
-        cli_errors.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
-    cli_errors.check_output_path("--json", args.json)
+        cli.check_int(flag, getattr(args, flag[2:].replace("-", "_")))
+    cli.check_output_path("--json", args.json)
 
 
 def worker(args) -> dict:
@@ -165,4 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli_errors.run(main)
+    cli.run(main)

@@ -3,7 +3,7 @@
 and whether its workdir exists afterwards.
 
 One Python process imports everything once; each case then costs a fork, not a new
-interpreter with JAX imported again. Used by test_cli_errors.py:
+interpreter with JAX imported again. Used by test_main_errors.py:
 
     python tests/main_cases.py CASES.json SCRATCH_DIR
 """

@@ -1,7 +1,7 @@
 """Every flag of every experiment script: a bad value ends with one line, ``error: ...``
 naming the flag, exit status 2 and no traceback, before anything is computed or written.
 
-The argparse scripts run in-process (``cli_errors.run(module.main, argv)``). absl's FLAGS
+The argparse scripts run in-process (``cli.run(module.main, argv)``). absl's FLAGS
 are global, so import_reference's cases run in one subprocess that loops over them,
 resetting the flags between cases, and reports each case's exit status, stderr and the
 files it created.
@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from ratebp_jax import parity
+from ratebp_jax import cli, parity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -25,7 +25,6 @@ import accuracy_benchmark  # noqa: E402
 import against_torch  # noqa: E402
 import benchmark  # noqa: E402
 import check_reference  # noqa: E402
-import cli_errors  # noqa: E402
 import compare_gradients  # noqa: E402
 import conv_throughput  # noqa: E402
 import device_report  # noqa: E402
@@ -300,7 +299,7 @@ def test_bad_flag_is_one_line_and_exit_2(script, args, fragments, inputs, reques
         assert result["created"] == [], "a refused run left files behind"
     else:
         with pytest.raises(SystemExit) as exit_info:
-            cli_errors.run(SCRIPTS[script].main, [a.replace("{tmp}", inputs) for a in args])
+            cli.run(SCRIPTS[script].main, [a.replace("{tmp}", inputs) for a in args])
         code, err = exit_info.value.code, capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
