@@ -35,6 +35,6 @@ for dtype in float32 bfloat16; do
   "$python" experiments/benchmark.py "${size[@]}" --methods bptt bptt_remat rate \
     --step-modes multi single --dtype "$dtype" --json "$out/bench_$dtype.json"
 done
-"$python" experiments/device_report.py "$out/bench_float32.json" "$out/bench_bfloat16.json" \
-  --batch "$batch" --json "$out/device_benchmark.json"
+"$python" experiments/backend/device_report.py "$out/bench_float32.json" \
+  "$out/bench_bfloat16.json" --batch "$batch" --json "$out/device_benchmark.json"
 echo "device benchmark done in $((SECONDS - start)) s; results in $out/"

@@ -102,7 +102,8 @@ def main(argv):
 def run(argv=None) -> None:
     """The command line (``sys.argv`` when ``argv`` is None): a user error is one line on
     stderr and exit status 2."""
-    cli.run(lambda args: app.run(main, argv=args, flags_parser=cli.absl_flags_parser(DEFAULT_CONFIG)), argv)
+    parser = cli.absl_flags_parser(DEFAULT_CONFIG)
+    cli.run(lambda args: app.run(main, argv=args, flags_parser=parser), argv)
 
 
 if __name__ == "__main__":

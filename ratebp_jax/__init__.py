@@ -11,7 +11,7 @@ import os as _os
 # Convolutions go to XLA's own (Eigen) convolution instead of YNNPACK, which this jaxlib
 # uses by default for convolutions and dots. YNNPACK runs the kernel gradient of
 # convolution.py (a convolution with a 32x32 kernel and batch-16 features) at 5 to 15% of
-# the machine's peak (experiments/conv_throughput.py). Dots stay in YNNPACK.
+# the machine's peak (experiments/backend/conv_throughput.py). Dots stay in YNNPACK.
 XLA_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
 
 

@@ -106,7 +106,8 @@ def test_benchmark_reports_ratios_and_flat_single_mode_rate_memory(tmp_path):
 
 def test_conv_throughput_quick_reports_every_shape_and_op_against_peak(tmp_path):
     out = tmp_path / "c.json"
-    proc = run_cli("conv_throughput.py", "--quick", "--step-modes", "multi", "--json", str(out))
+    proc = run_cli("backend/conv_throughput.py", "--quick", "--step-modes", "multi",
+                   "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["config"]["model"] == "resnet18_tiny" and result["peak_gflops_per_s"] > 0
@@ -152,9 +153,9 @@ def test_device_benchmark_smoke_writes_every_program_in_both_modes_and_dtypes(tm
 
 
 def test_loop_overhead_reports_every_epoch_and_both_ratios(monkeypatch, tmp_path):
-    """A tiny run of experiments/loop_overhead.py: every timed epoch of both loops is
-    recorded, and the two summary ratios are computed from them."""
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    """A tiny run of experiments/backend/loop_overhead.py: every timed epoch of both loops
+    is recorded, and the two summary ratios are computed from them."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments", "backend"))
     import loop_overhead
     out = tmp_path / "loop.json"
     loop_overhead.main(["--examples", "128", "--epochs", "3", "--rounds", "2",

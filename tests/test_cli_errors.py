@@ -20,7 +20,7 @@ from ratebp_jax import cli, parity
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 VECTORS = os.path.join(ROOT, "tests", "data", "reference_vectors")
-sys.path.insert(0, EXPERIMENTS)
+sys.path[:0] = [EXPERIMENTS, os.path.join(EXPERIMENTS, "backend")]  # the scripts tested
 import accuracy_benchmark  # noqa: E402
 import against_torch  # noqa: E402
 import benchmark  # noqa: E402

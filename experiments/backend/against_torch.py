@@ -1,6 +1,6 @@
 """Our spike inference against a plain PyTorch ResNet-18 forward on the same convolutions.
 
-    python experiments/against_torch.py --torch-python /path/to/venv-with-torch/bin/python \
+    python experiments/backend/against_torch.py --torch-python /path/to/venv-with-torch/bin/python \
         [--batch 16] [--T 8] [--rounds 3] [--repeats 3] [--json PATH]
 
 The comparison users make first: how fast does this backend run the network's
@@ -14,6 +14,8 @@ Each side runs in its own subprocess, alternately for ``--rounds`` rounds, so th
 keeps the other's thread pools warm or its memory; a side reports the median of its
 ``--repeats`` timed calls after one warm-up call. The project does not depend on torch:
 give ``--torch-python`` an interpreter that has it (a scratch venv).
+
+Results: docs/RESULTS.md, "Against PyTorch on the same machine".
 """
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
 """Max-pool tie rules compared: test accuracy and rate-BP's agreement with BPTT, per rule.
 
-    python experiments/pool_ties.py --root /tmp/pool_ties --json pool_ties.json
+    python experiments/backend/pool_ties.py --root /tmp/pool_ties --json pool_ties.json
 
-For every rule of ``layers.POOL_TIES`` and every seed it trains ``configs/default.py`` with
-``--model`` (sew_resnet_tiny, whose stem max-pools spikes) at ``--T`` for ``--epochs`` in
-``<root>/<rule>-seed<seed>`` (a finished run is reused, an interrupted one resumed), one
-run after the other. Then, per rule, it compares rate-BP's gradient with BPTT's (both under
+For every rule of ``layers.POOL_TIES`` and every seed it trains
+``experiments/configs/default.py`` with ``--model`` (sew_resnet_tiny, whose stem max-pools
+spikes) at ``--T`` for ``--epochs`` in ``<root>/<rule>-seed<seed>`` (a finished run is
+reused, an interrupted one resumed), one run after the other. Then, per rule, it compares rate-BP's gradient with BPTT's (both under
 that rule) on ``--batches`` real training batches, at initialisation (seed 0) and on each
 trained run's last checkpoint: cosine and norm ratio over all parameters and for the stem
 convolution's kernel, averaged over the batches. As a scale for those figures it also
 compares the two rules' BPTT gradients with each other at initialisation.
+
+Results: docs/RESULTS.md, "Max-pool tie rule (`pool_ties`), SEW-ResNet tiny on digits".
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import numpy as np
 
 from ratebp_jax import analysis, cli, data, layers, methods, models, train
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from configs import default
+# The configs live in experiments/configs/ and import each other as configs.*.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default  # noqa: E402
 
 # The zoo's models with a max pool: the ImageNet stems of SEW- and PreAct-ResNet.
 POOLED_MODELS = [name for name in models.MODELS if name.startswith(("sew_", "preact_"))]

@@ -1,8 +1,8 @@
 """GFLOP/s of every convolution shape of a model, forward and both gradients, against peak.
 
-    python experiments/conv_throughput.py [--model resnet18] [--batch 16] [--T 8]
+    python experiments/backend/conv_throughput.py [--model resnet18] [--batch 16] [--T 8]
         [--step-modes multi single] [--layouts NHWC NCHW] [--repeats 5] [--json PATH]
-    python experiments/conv_throughput.py --quick    # seconds: a tiny model at 8x8
+    python experiments/backend/conv_throughput.py --quick    # seconds: a tiny model at 8x8
 
 The shapes are read from the model itself (one abstract forward at ``--image-size``), so
 they are the convolutions it runs: for ResNet-18 (CIFAR) eleven distinct shapes, each with
@@ -17,6 +17,8 @@ figure is its total FLOPs over the summed time of its uses. ``peak`` is the GFLO
 large float32 matmul measured in the same run, the machine's practical peak; every figure
 also appears as a fraction of it. All programs of one (step mode, layout) are timed round
 robin (``analysis.interleaved_medians``).
+
+Results: docs/RESULTS.md, "XLA:CPU convolution throughput, ResNet-18 (CIFAR shape)".
 """
 from __future__ import annotations
 

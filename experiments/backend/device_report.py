@@ -1,11 +1,13 @@
 """Images/s and compiled memory from benchmark.py's JSON files, one row per program.
 
-    python experiments/device_report.py bench_float32.json bench_bfloat16.json --batch 128 \
+    python experiments/backend/device_report.py bench_float32.json bench_bfloat16.json --batch 128 \
         --json device_benchmark.json
 
-Used by ``device_benchmark.sh``. Images/s is the batch over the median step time of each
-training method and of spike inference (the forward alone, the floor); memory is XLA's
-compiled temporary memory of the same program.
+Used by ``experiments/device_benchmark.sh``. Images/s is the batch over the median step
+time of each training method and of spike inference (the forward alone, the floor); memory
+is XLA's compiled temporary memory of the same program.
+
+Results: docs/RESULTS.md, "GPU".
 """
 from __future__ import annotations
 

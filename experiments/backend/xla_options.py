@@ -1,6 +1,6 @@
 """XLA:CPU backend options measured on spike inference and the rate-BP step.
 
-    python experiments/xla_options.py [--configs base ynn_no_conv ...] [--rounds 3] \
+    python experiments/backend/xla_options.py [--configs base ynn_no_conv ...] [--rounds 3] \
         [--model resnet18] [--batch 16] [--T 8] [--step-mode multi] [--repeats 3] [--json PATH]
 
 XLA flags are read once per process, when the backend starts, so every configuration runs
@@ -12,6 +12,8 @@ step and times them round robin. The summary gives, per configuration, the media
 rounds and the median, minimum and maximum of its per-round ratio to ``base`` (the round's
 own base run). A flag this jaxlib does not know aborts its subprocess; that configuration
 is reported as rejected.
+
+Results: docs/RESULTS.md, "XLA:CPU backend options, and the rate pass at its floor".
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Host-side throughput of the CIFAR training pipeline, in images/s, per number of workers.
 
-    python experiments/pipeline_throughput.py [--workers 0 1 2] [--images 20000] [--batch 128]
-        [--json PATH]
+    python experiments/backend/pipeline_throughput.py [--workers 0 1 2] [--images 20000] \
+        [--batch 128] [--json PATH]
 
 Runs crop + flip + AutoAugment + Cutout + standardisation on random uint8 CIFAR-shaped
 images through ``train_iterator``, the grain pipeline training reads (no dataset download
@@ -9,6 +9,8 @@ needed), once for each worker count, so the figures can be set against a device'
 throughput. ``--workers 0`` builds the batches in this process's thread; N >= 1
 in N worker processes. One batch more than ``--images`` is prepared first and not timed: it
 waits for the workers to start (seconds: each imports grain and jax).
+
+Results: docs/RESULTS.md, "Input pipeline throughput".
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The training loop's overhead: its steps/s against a bare loop of the same jitted step.
 
-    python experiments/loop_overhead.py [--model vgg_tiny] [--examples 8192] [--epochs 4] \
+    python experiments/backend/loop_overhead.py [--model vgg_tiny] [--examples 8192] [--epochs 4] \
         [--rounds 3] [--json PATH]
 
 Trains the default config (with ``--model``) through ``train.train_and_evaluate`` on random
@@ -16,20 +16,26 @@ tenants): the median of the rounds' ratios (each round's median epoch of the loo
 the bare loop's), the one to read, with more ``--rounds`` for a steadier figure; and the
 ratio of the fastest epochs of each over the whole run (the ``timeit`` idea: noise only
 slows a program down), which one lucky epoch sets, so it varies more between runs than the
-median does (docs/RESULTS.md section 12).
+median does.
+
+Results: docs/RESULTS.md, "The training loop against a bare loop".
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-from configs import default
 from ratebp_jax import cli, data, methods, models, train
+
+# The configs live in experiments/configs/ and import each other as configs.*.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default  # noqa: E402
 
 
 def parse_args(argv=None):
