@@ -190,7 +190,9 @@ def test_rate_pass_convolutions_take_their_value_from_the_spike_pass(tiny_name, 
     assert rel_err(grads, grads_f) <= 1e-5
     np.testing.assert_allclose(loss, loss_f, rtol=1e-6)
     assert float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(grads)[0])) > 1e-3
-    if step_mode == "multi":
+    # The count reads XLA:CPU's HLO text; other backends compile convolutions to library
+    # calls named otherwise.
+    if step_mode == "multi" and jax.default_backend() == "cpu":
         assert n_convbn > 0 and convolutions == convolutions_f - n_convbn
 
 

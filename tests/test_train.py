@@ -194,8 +194,9 @@ def test_bad_config_is_one_line_error_without_traceback(tmp_path, args, message)
 
 
 def test_batch_not_divisible_by_device_count_is_one_line_error(tmp_path):
+    # 4 CPU devices on any machine (an accelerator host would otherwise give its own count)
     proc = run_main("--workdir", str(tmp_path), "--config.batch_size=30",
-                    env={"XLA_FLAGS": xla_flags_with_host_devices(4)})
+                    env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags_with_host_devices(4)})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
