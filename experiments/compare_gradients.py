@@ -172,7 +172,9 @@ def load_run_config(workdir):
     from configs import default
     config = default.get_config()
     with open(os.path.join(workdir, "config.json")) as f:
-        config.update(json.load(f))
+        recorded = json.load(f)
+    recorded.pop("data_fingerprint", None)  # what the run trained on, not a config field
+    config.update(recorded)
     return config
 
 

@@ -24,11 +24,22 @@ collectives use gloo.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
 
-from ratebp_jax import cli as cli_errors
+def _stop_before_start(signum, frame):
+    """Ctrl-C while modules load: one line and no traceback; nothing was written yet."""
+    del signum, frame
+    sys.stderr.write("error: stopped by Ctrl-C before the run started; nothing was written\n")
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _stop_before_start)  # until run() starts the run
+
+from absl import app, flags, logging  # noqa: E402
+
+from ratebp_jax import cli as cli_errors  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
@@ -107,19 +118,28 @@ def main(argv):
     wd.check_same_run(os.path.abspath(workdir), config)
     if FLAGS.distributed:
         start_distributed()
+    RUNNING["workdir"] = os.path.abspath(workdir)
     summary = train.train_and_evaluate(config, workdir)
     if summary["interrupted"]:
         return  # checkpointed; rerunning the same command resumes
     if summary.get("already_complete"):
         return  # said so in one line
+    import jax
+    where = (f"records in {workdir}" if jax.process_index() == 0
+             else f"process {jax.process_index()}; process 0 writes the records")
     print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
           f"(best {summary['best_test_accuracy']:.4f}) in {summary['wall_time_s']:.1f}s; "
-          f"records in {workdir}")
+          f"{where}")
+
+
+RUNNING = {"workdir": None}  # set once the run may write, for the Ctrl-C message
 
 
 def run(argv=None):
     from ratebp_jax.data import DataWorkerError
     from ratebp_jax.train import NonFiniteError
+    from ratebp_jax.workdir import rerun_hint
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a KeyboardInterrupt from here on
     try:
         app.run(main, argv=argv, flags_parser=cli_errors.absl_flags_parser(DEFAULT_CONFIG))
     except cli_errors.USER_ERRORS as e:
@@ -129,8 +149,9 @@ def run(argv=None):
     except DataWorkerError as e:
         cli_errors.fail(str(e).splitlines()[0], code=1)
     except KeyboardInterrupt:
-        cli_errors.fail("stopped by a second Ctrl-C; rerun the same command to resume from "
-                        "the last checkpoint", code=130)
+        workdir = RUNNING["workdir"]
+        cli_errors.fail("stopped by Ctrl-C; " + (rerun_hint(workdir) if workdir else
+                                                 "nothing was written"), code=130)
 
 
 if __name__ == "__main__":

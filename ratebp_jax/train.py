@@ -9,12 +9,14 @@ resolved once by ``methods.make_grad_fn``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +25,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ratebp_jax import agreement, data, methods, models, neurons
+from ratebp_jax import agreement, checks, data, methods, models, neurons
 from ratebp_jax import workdir as wd
+from ratebp_jax.data.fingerprint import fingerprint as data_fingerprint
 from ratebp_jax.layers import POOL_TIES, STEP_MODES
 
 OPTIMIZERS = ("sgd", "adam")
@@ -36,47 +39,14 @@ class NonFiniteError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------- validation
-def _allowed(field, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r}: allowed values are {', '.join(map(str, allowed))}")
-
-
-def _integer(config, field, minimum):
-    value = config[field]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{field}={value!r}: must be an integer >= {minimum}")
-
-
-def _number(config, field, low=None, high=None, *, low_open=False):
-    """A finite number in [low, high) (or (low, high) with ``low_open``); None is unbounded."""
-    value = config[field]
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value)
-          and (low is None or (value > low if low_open else value >= low))
-          and (high is None or value < high))
-    if not ok:
-        bound = ("" if low is None and high is None
-                 else f" in {'(' if low_open else '['}{low}, {high})" if high is not None
-                 else f" {'>' if low_open else '>='} {low}")
-        raise ValueError(f"{field}={value!r}: must be a finite number{bound}")
-
-
-def _boolean(config, field):
-    if not isinstance(config[field], bool):
-        raise ValueError(f"{field}={config[field]!r}: must be true or false")
-
-
 def _method_list(config, field):
     """A non-empty list (or tuple) of names from ``methods.METHODS``."""
     value = config[field]
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not names:
-        raise ValueError(f"{field}={value!r}: must be a non-empty list of method names, of "
-                         f"{', '.join(methods.METHODS)}")
-    for name in names:
-        if name not in methods.METHODS:
-            raise ValueError(f"{field}={value!r}: {name!r} is not a method; allowed values "
-                             f"are {', '.join(methods.METHODS)}")
+        raise ValueError(f"{field}={value!r}: must be a non-empty list of method names; "
+                         f"{checks.allowed_values(methods.METHODS)}")
+    checks.check_choices(field, names, methods.METHODS)
 
 
 def neuron_config(config) -> neurons.NeuronConfig:
@@ -95,31 +65,30 @@ def validate_config(config, *, devices: bool = True) -> None:
     for field in ("data_dir", "data_path"):
         if not isinstance(config[field], str):
             raise ValueError(f"{field}={config[field]!r}: must be a path (a string)")
-    _allowed("dataset", config.dataset, list(data.LOADERS))
+    for field, allowed in (("dataset", data.LOADERS), ("compute_dtype", models.COMPUTE_DTYPES),
+                           ("pool_ties", POOL_TIES), ("method", methods.METHODS),
+                           ("step_mode", STEP_MODES),
+                           ("rate_grad_scale", methods.RATE_GRAD_SCALES),
+                           ("optimizer", OPTIMIZERS), ("nan_policy", NAN_POLICIES)):
+        checks.check_choice(field, config[field], allowed)
     models.resolve(config.model)  # a zoo name, or package.module:Factory (imported here)
-    _allowed("compute_dtype", config.compute_dtype, models.COMPUTE_DTYPES)
-    _allowed("pool_ties", config.pool_ties, POOL_TIES)
-    _allowed("method", config.method, list(methods.METHODS))
-    _allowed("step_mode", config.step_mode, STEP_MODES)
-    _allowed("rate_grad_scale", config.rate_grad_scale, methods.RATE_GRAD_SCALES)
-    _allowed("optimizer", config.optimizer, OPTIMIZERS)
-    _allowed("nan_policy", config.nan_policy, NAN_POLICIES)
     for field in ("T", "batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints",
                   "log_every_steps"):
-        _integer(config, field, 1)
+        checks.check_int(field, config[field], 1)
     for field in ("num_train_steps", "checkpoint_every_steps", "num_classes", "image_size",
                   "seed", "augment_crop_padding", "data_workers", "grad_agreement_every_steps"):
-        _integer(config, field, 0)
+        checks.check_int(field, config[field], 0)
     _method_list(config, "grad_agreement_methods")
     for field in ("augment", "augment_flip", "progress_bar", "plots"):
-        _boolean(config, field)
-    _number(config, "surrogate_alpha", 0.0, low_open=True)
-    _number(config, "v_reset")
+        checks.check_bool(field, config[field])
+    checks.check_number("surrogate_alpha", config.surrogate_alpha, 0.0, low_open=True)
+    checks.check_number("v_reset", config.v_reset)
     neuron_config(config)  # lam, thresh, reset and surrogate, checked by the neuron itself
     for field, low, high in (("lam", 0.0, 1.0), ("thresh", 0.0, None),
                              ("learning_rate", 0.0, None), ("momentum", 0.0, 1.0),
                              ("weight_decay", 0.0, None)):
-        _number(config, field, low, high, low_open=field in ("thresh", "learning_rate"))
+        checks.check_number(field, config[field], low, high, high_open=True,
+                            low_open=field in ("thresh", "learning_rate"))
     n = jax.device_count() if devices else 1
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % n:
@@ -347,7 +316,7 @@ def plot_curves(history, workdir):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "curves.png"), dpi=100)
+    wd.save_figure_atomic(fig, os.path.join(workdir, "curves.png"))
 
     rates = history[-1]["firing_rates"]
     fig = Figure(figsize=(max(4, 0.4 * len(rates) + 2), 3.5))
@@ -356,36 +325,112 @@ def plot_curves(history, workdir):
     ax.set_xticks(range(len(rates)), list(rates), rotation=70, fontsize=7)
     ax.set(ylabel="mean firing rate", title=f"firing rates, epoch {history[-1]['epoch']}")
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "firing_rates.png"), dpi=100)
+    wd.save_figure_atomic(fig, os.path.join(workdir, "firing_rates.png"))
 
 
-# --------------------------------------------------------------------------- main loop
+# --------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class Run:
+    """What stays fixed while a run trains: its config and workdir, data, schedule, compiled
+    programs and checkpoint managers."""
+    config: Any
+    workdir: str
+    log: Callable
+    dataset: Any
+    fingerprint: dict | None
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    schedule: Callable
+    net: Any
+    treedef: Any
+    train_step: Callable
+    eval_step: Callable
+    shard: Callable
+    replicated: Any
+    latest: Any = None
+    best: Any = None
+    agreement: Any = None
+
+    @property
+    def writes_records(self) -> bool:
+        return jax.process_index() == 0
+
+
+@dataclasses.dataclass
+class Progress:
+    """What training changes: the state (as its leaves, see ``on_leaves``), the next step,
+    the epoch records so far, and whether the run was asked to stop."""
+    leaves: list
+    step: int
+    history: list
+    wall_before: float
+    started: float = dataclasses.field(default_factory=time.time)
+    compiled: bool = False
+    interrupted: bool = False
+
+
 def train_and_evaluate(config, workdir: str, *, log=print,
                        interrupt_at_step: int | None = None) -> dict[str, Any]:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint. Returns the summary.
 
-    Everything is validated before the workdir is touched: a bad config, bad data or a
-    workdir that holds another run (``workdir.RunMismatch``) raise with nothing written.
-    A run that already trained its steps returns its summary with ``already_complete``
-    set and changes nothing. SIGTERM or Ctrl-C (a cluster's preemption notice, a user) or
-    reaching ``interrupt_at_step`` checkpoints at the next step boundary and returns early
-    with ``summary["interrupted"] = True``; rerunning resumes exactly there.
+    Everything is validated before the workdir is touched: a bad config, bad data, or a
+    workdir that holds another run or was trained on other data (``workdir.RunMismatch``)
+    raise with nothing written. A run that already wrote every artefact returns its summary
+    with ``already_complete`` set and changes nothing. SIGTERM or Ctrl-C (a cluster's
+    preemption notice, a user) or reaching ``interrupt_at_step`` checkpoints at the next step
+    and returns early with ``summary["interrupted"] = True``; rerunning resumes exactly there.
+    A crash at any write resumes too (docs/DESIGN.md, "Crash consistency").
     """
+    run, state, done = set_up_run(config, workdir, log)
+    if done is not None:
+        log(f"already complete: {run.workdir} trained {done['steps']} steps (final test "
+            f"accuracy {done['final_test_accuracy']:.4f}); nothing was changed")
+        return {**done, "already_complete": True}
+    progress = open_workdir(run, state)
+    stop = _StopRequest(log)
+    # One iterator over all remaining steps, across epochs. Its whole state is the next step
+    # (each batch is a pure function of its step), which the checkpoint holds as "step".
+    batches = data.train_iterator(
+        run.dataset, batch_size=config.batch_size, seed=config.seed,
+        total_steps=run.total_steps, start_step=progress.step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        workers=config.data_workers)
+    try:
+        device_batches = on_device(batches, run.shard)
+        while progress.step < run.total_steps and not progress.interrupted:
+            timing = train_epoch(run, progress, device_batches, stop, interrupt_at_step)
+            if timing is not None:
+                close_epoch(run, progress, timing)
+    except NonFiniteError as e:
+        _wait_for_saves(run)
+        raise NonFiniteError(f"{e}. {_checkpoint_kept(run.workdir)}; set nan_policy='skip' "
+                             f"to skip such batches") from None
+    finally:
+        batches.close()  # stops the data workers
+        # Let a pending async save finish even when a step raised: it is the last good one.
+        _wait_for_saves(run)
+        stop.restore()
+    if progress.interrupted:
+        log(f"interrupted at step {progress.step}: checkpoint written; rerun the same command "
+            f"to resume")
+        return summarize(run, progress, artefacts=[])
+    return finish_run(run, progress)
+
+
+def set_up_run(config, workdir: str, log):
+    """``(run, initial state, None)``, or ``(run, None, summary)`` of a run that is already
+    complete. Validates the config, the workdir and the data; writes nothing."""
     validate_config(config)
     workdir = os.path.abspath(workdir)
     wd.check_path(workdir)
-    wd.check_same_run(workdir, config)
+    wd.check_same_run(workdir, config)  # the data's fingerprint included
+    fingerprint = data_fingerprint(config)
     dataset = data.load_dataset(config)
     check_dataset(config, dataset)
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
     total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    done = wd.completed_summary(workdir, total_steps)
-    if done is not None:
-        log(f"already complete: {workdir} trained {done['steps']} steps (final test accuracy "
-            f"{done['final_test_accuracy']:.4f}); nothing was changed")
-        return {**done, "already_complete": True}
-
     schedule = learning_rate_schedule(config, steps_per_epoch, num_epochs)
     tx = create_optimizer(config, schedule)
     net, state = create_state(config, dataset.image_shape, dataset.num_classes, tx)
@@ -395,131 +440,172 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     state = jax.device_put(state, replicated)
     grad_fn = methods.make_grad_fn(config.method, net, T=config.T, step_mode=config.step_mode,
                                    rate_grad_scale=config.rate_grad_scale)
-    eval_step = jax.jit(make_eval_step(net, config.T, config.step_mode))
-
-    os.makedirs(workdir, exist_ok=True)
-    latest, best_manager = wd.checkpoint_managers(workdir, config.keep_checkpoints)
-    state, restored_step = wd.restore_latest(latest, state, log, workdir)
-    wd.write_config(workdir, config)
-    step = int(state["step"])
-    metrics_path = os.path.join(workdir, wd.METRICS_FILE)
-    history = wd.truncate_jsonl(metrics_path, step) if restored_step is not None else []
-    if restored_step is None and os.path.exists(metrics_path) and jax.process_index() == 0:
-        os.remove(metrics_path)
-    if restored_step is not None:
-        log(f"resumed from step {step} in {workdir}")
-    agreement_log = _agreement_logger(config, net, state, dataset, workdir, restored_step)
     treedef = jax.tree.structure(state)
     train_step = jax.jit(on_leaves(make_train_step(grad_fn, tx, config.nan_policy), treedef),
                          out_shardings=(replicated, replicated), donate_argnums=0)
-    best_accuracy = max((r["test_accuracy"] for r in history), default=-1.0)
+    run = Run(config, workdir, log, dataset, fingerprint, steps_per_epoch, total_steps,
+              num_epochs, schedule, net, treedef, train_step,
+              jax.jit(make_eval_step(net, config.T, config.step_mode)), shard, replicated)
+    done = wd.completed_summary(workdir, total_steps)
+    return run, (None if done else state), done
 
-    start_time = time.time()
-    wall_before = history[-1]["wall_s"] if history else 0.0
-    stop = _StopRequest(log)
-    interrupted = False
-    # One iterator over all remaining steps, across epochs. Its whole state is the next step
-    # (each batch is a pure function of its step), which the checkpoint holds as "step".
-    batches = data.train_iterator(
-        dataset, batch_size=config.batch_size, seed=config.seed, total_steps=total_steps,
-        start_step=step, process_index=jax.process_index(),
-        process_count=jax.process_count(), workers=config.data_workers)
-    device_batches = on_device(batches, shard)
-    try:
-        while step < total_steps and not interrupted:
-            epoch = step // steps_per_epoch
-            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            start_in_epoch = step - epoch * steps_per_epoch
-            if start_in_epoch == 0:
-                state = {**state, "epoch_sums": jax.device_put(zero_sums(), replicated)}
-            bar = _progress(config, epoch, num_epochs, start_in_epoch, epoch_steps)
-            t_epoch, images_seen, pending = time.time(), 0, []
-            leaves = jax.tree.leaves(state)  # what the steps carry (see on_leaves)
-            for _, batch in zip(range(start_in_epoch, epoch_steps), device_batches):
-                if agreement_log is not None and agreement_log.due(step):
-                    # before train_step donates the leaves
-                    agreement_log.log(step, jax.tree.unflatten(treedef, leaves), batch)
-                leaves, metrics = train_step(leaves, batch)
-                pending.append((step, metrics))
-                step += 1
-                images_seen += config.batch_size
-                interrupted = stop.requested() or step == interrupt_at_step
-                # At an epoch's end the epoch is evaluated and checkpointed as usual first.
-                mid_epoch = step % steps_per_epoch != 0 and step < total_steps
-                save = mid_epoch and (interrupted or (config.checkpoint_every_steps and
-                                                      step % config.checkpoint_every_steps == 0))
-                # The host reads metrics only every log_every_steps steps (and before a
-                # save, so that a non-finite step is never checkpointed): in between, the
-                # device runs ahead without waiting for Python. Outside a save the newest
-                # step stays pending, so the device computes it while the host reads the
-                # others and prepares the next batch, instead of waiting idle for both.
-                if save:
-                    _consume(pending, bar, config)
-                    pending = []
-                    latest.save(step, args=ocp.args.StandardSave(
-                        jax.tree.unflatten(treedef, leaves)), force=True)
-                    if interrupted:
-                        break
-                elif len(pending) > config.log_every_steps:
-                    _consume(pending[:-1], bar, config)
-                    pending = pending[-1:]
-                if bar is not None:
-                    bar.update(1)
-            _consume(pending, bar, config)
-            state = jax.tree.unflatten(treedef, leaves)
-            if bar is not None:
-                bar.close()
-            if interrupted and mid_epoch:
+
+def open_workdir(run: Run, state) -> Progress:
+    """Restore the latest checkpoint, and bring every record to it: metrics and agreement
+    records after it are dropped (they are made again), and ``best/`` holds the best epoch
+    up to it. Then ``config.json`` records the config and the data's fingerprint."""
+    config = run.config
+    os.makedirs(run.workdir, exist_ok=True)
+    run.latest, run.best = wd.checkpoint_managers(run.workdir, config.keep_checkpoints)
+    state, restored = wd.restore_latest(run.latest, state, run.log, run.workdir)
+    metrics_path = os.path.join(run.workdir, wd.METRICS_FILE)
+    if restored is not None:
+        history = wd.truncate_jsonl(metrics_path, restored)
+    else:
+        history = []
+        if os.path.exists(metrics_path) and run.writes_records:
+            os.remove(metrics_path)
+    run.agreement = _agreement_logger(config, run.net, state, run.dataset, run.workdir,
+                                      restored)
+    wd.reconcile_best(run.best, history, state, restored)
+    wd.write_config(run.workdir, config, run.fingerprint)
+    if restored is not None:
+        run.log(f"resumed from step {restored} in {run.workdir}")
+    return Progress(jax.tree.leaves(state), int(state["step"]), history,
+                    wall_before=history[-1]["wall_s"] if history else 0.0)
+
+
+def train_epoch(run: Run, progress: Progress, batches, stop, interrupt_at_step):
+    """Train from ``progress.step`` to the end of its epoch. Returns the epoch's timing, or
+    None when a stop request ended it early, after a checkpoint at that step.
+
+    The host reads the steps' metrics back every ``log_every_steps`` steps, and before a
+    save, so that a non-finite step is found before it is checkpointed. In between, the
+    device runs ahead without waiting for Python, and the newest step stays unread so that
+    the device computes it while the host prepares the next batch.
+    """
+    config = run.config
+    epoch, start = divmod(progress.step, run.steps_per_epoch)
+    end = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
+    if start == 0:
+        state = jax.tree.unflatten(run.treedef, progress.leaves)
+        state = {**state, "epoch_sums": jax.device_put(zero_sums(), run.replicated)}
+        progress.leaves = jax.tree.leaves(state)
+    bar = _progress_bar(config, epoch, run.num_epochs, start, end)
+    say = bar.write if bar is not None else run.log
+    clock = _EpochClock(config.batch_size)
+    pending, mid_epoch = [], False
+    for _, batch in zip(range(start, end), batches):
+        if run.agreement is not None and run.agreement.due(progress.step):
+            # before train_step donates the leaves
+            run.agreement.log(progress.step, jax.tree.unflatten(run.treedef, progress.leaves),
+                              batch)
+        progress.leaves, metrics = run.train_step(progress.leaves, batch)
+        clock.stepped(metrics, first=not progress.compiled)
+        progress.compiled = True
+        pending.append((progress.step, metrics))
+        progress.step += 1
+        progress.interrupted = stop.requested() or progress.step == interrupt_at_step
+        every = config.checkpoint_every_steps
+        mid_epoch = progress.step < epoch * run.steps_per_epoch + end
+        if mid_epoch and (progress.interrupted or (every and progress.step % every == 0)):
+            raise_on_nonfinite(pending, bar, say, config.nan_policy)
+            pending = []
+            save_latest(run, progress.step, jax.tree.unflatten(run.treedef, progress.leaves))
+            if progress.interrupted:
                 break
-            seconds = time.time() - t_epoch
-            sums = jax.device_get(state["epoch_sums"])
-            count = max(int(sums["count"]), 1)
-            record = {"epoch": epoch + 1, "step": step,
-                      "train_loss": float(sums["loss"]) / count,
-                      "train_accuracy": float(sums["accuracy"]) / count,
-                      **evaluate(eval_step, state, dataset, config.eval_batch_size, shard),
-                      "learning_rate": float(schedule(step - 1)), "seconds": seconds,
-                      "images_per_s": images_seen / seconds,
-                      "wall_s": wall_before + time.time() - start_time}
-            history.append(record)
-            if jax.process_index() == 0:
-                wd.append_jsonl(metrics_path, record)
-            log(f"epoch {record['epoch']}/{num_epochs} step {step}: train loss "
-                f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | test loss "
-                f"{record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | "
-                f"{record['images_per_s']:.0f} img/s")
-            if record["test_accuracy"] > best_accuracy:
-                best_accuracy = record["test_accuracy"]
-                best_manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            latest.save(step, args=ocp.args.StandardSave(state), force=True)
-    finally:
-        batches.close()  # stops the data workers
-        # Let a pending async save finish even when a step raised: it is the last good one.
-        latest.wait_until_finished()
-        best_manager.wait_until_finished()
-        stop.restore()
-    if interrupted:
-        log(f"interrupted at step {step}: checkpoint written; rerun the same command to resume")
+        elif len(pending) > config.log_every_steps:
+            raise_on_nonfinite(pending[:-1], bar, say, config.nan_policy)
+            pending = pending[-1:]
+        if bar is not None:
+            bar.update(1)
+    raise_on_nonfinite(pending, bar, say, config.nan_policy)
+    if bar is not None:
+        bar.close()
+    return None if progress.interrupted and mid_epoch else clock.timing()
 
-    summary = {
+
+def close_epoch(run: Run, progress: Progress, timing: dict) -> None:
+    """Evaluate the epoch, record it, and checkpoint it: the metrics line, then the latest
+    checkpoint, then the best one when the epoch is the best so far (the order that
+    ``workdir.reconcile_best`` relies on)."""
+    state = jax.tree.unflatten(run.treedef, progress.leaves)
+    sums = jax.device_get(state["epoch_sums"])
+    count = max(int(sums["count"]), 1)
+    record = {"epoch": progress.step // run.steps_per_epoch
+              + (progress.step % run.steps_per_epoch > 0), "step": progress.step,
+              "train_loss": float(sums["loss"]) / count,
+              "train_accuracy": float(sums["accuracy"]) / count,
+              **evaluate(run.eval_step, state, run.dataset, run.config.eval_batch_size,
+                         run.shard),
+              "learning_rate": float(run.schedule(progress.step - 1)), **timing,
+              "wall_s": progress.wall_before + time.time() - progress.started}
+    progress.history.append(record)
+    if run.writes_records:
+        wd.append_jsonl(os.path.join(run.workdir, wd.METRICS_FILE), record)
+    speed = (f"{record['images_per_s']:.0f} img/s" if record["images_per_s"] is not None
+             else "no timed steps")
+    compiled = f", compile {record['compile_s']:.1f} s" if record["compile_s"] else ""
+    run.log(f"epoch {record['epoch']}/{run.num_epochs} step {progress.step}: train loss "
+            f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | test loss "
+            f"{record['test_loss']:.4f} acc {record['test_accuracy']:.4f} | {speed}{compiled}")
+    save_latest(run, progress.step, state)
+    if wd.best_step(progress.history) == progress.step:
+        run.best.save(progress.step, args=ocp.args.StandardSave(state), force=True)
+
+
+def save_latest(run: Run, step: int, state) -> None:
+    """Checkpoint ``state`` as the latest. A best save still in flight is waited for first, so
+    that a committed latest checkpoint implies every earlier best one is committed."""
+    run.best.wait_until_finished()
+    run.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def finish_run(run: Run, progress: Progress) -> dict[str, Any]:
+    """Draw the figures, then write ``summary.json`` last: a summary on disk means every
+    artefact it lists exists (``workdir.completed_summary``)."""
+    artefacts = [wd.CONFIG_FILE, wd.METRICS_FILE] if progress.history else [wd.CONFIG_FILE]
+    if run.writes_records and run.config.plots and progress.history:
+        plot_curves(progress.history, run.workdir)
+        artefacts += ["curves.png", "firing_rates.png"]
+    if run.writes_records and run.config.plots and run.agreement is not None:
+        records = wd.read_jsonl(run.agreement.path)
+        if records:
+            agreement.plot_agreement(records, os.path.join(run.workdir, agreement.PLOT_FILE))
+            artefacts.append(agreement.PLOT_FILE)
+    summary = summarize(run, progress, artefacts)
+    if run.writes_records:
+        wd.write_json_atomic(os.path.join(run.workdir, wd.SUMMARY_FILE), summary)
+    return summary
+
+
+def summarize(run: Run, progress: Progress, artefacts: list[str]) -> dict[str, Any]:
+    config, history = run.config, progress.history
+    best = wd.best_step(history)
+    return {
         "name": config.name, "model": config.model, "dataset": config.dataset,
         "method": config.method, "step_mode": config.step_mode, "T": config.T,
-        "rate_grad_scale": config.rate_grad_scale, "steps": step,
+        "rate_grad_scale": config.rate_grad_scale, "steps": progress.step,
         "final_test_accuracy": history[-1]["test_accuracy"] if history else None,
-        "best_test_accuracy": best_accuracy if history else None,
+        "best_test_accuracy": next((r["test_accuracy"] for r in history if r["step"] == best),
+                                   None),
         "wall_time_s": history[-1]["wall_s"] if history else 0.0,
         "devices": jax.device_count(), "processes": jax.process_count(),
-        "interrupted": interrupted,
+        "interrupted": progress.interrupted, "artefacts": artefacts,
     }
-    if jax.process_index() == 0 and not interrupted:
-        wd.write_json_atomic(os.path.join(workdir, wd.SUMMARY_FILE), summary)
-        if config.plots and history:
-            plot_curves(history, workdir)
-        if config.plots and agreement_log is not None:
-            records = wd.read_jsonl(agreement_log.path)
-            if records:
-                agreement.plot_agreement(records, os.path.join(workdir, agreement.PLOT_FILE))
-    return summary
+
+
+def _wait_for_saves(run: Run) -> None:
+    for manager in (run.latest, run.best):
+        if manager is not None:
+            manager.wait_until_finished()
+
+
+def _checkpoint_kept(workdir: str) -> str:
+    step = wd.last_checkpoint(workdir)
+    if step is None:
+        return "No checkpoint was written yet, so a rerun starts from step 0"
+    return f"The last good checkpoint, step {step}, is kept"
 
 
 def _agreement_logger(config, net, state, dataset, workdir, restored_step):
@@ -536,6 +622,29 @@ def _agreement_logger(config, net, state, dataset, workdir, restored_step):
         else:
             wd.truncate_jsonl(logger.path, restored_step - 1)
     return logger
+
+
+class _EpochClock:
+    """An epoch's timing. The process's first step compiles the train step, so its time is
+    reported as ``compile_s`` (compilation plus that one step) and left out of images/s."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.start = batch_size, time.time()
+        self.timed_from, self.timed_images, self.compile_s = self.start, 0, 0.0
+
+    def stepped(self, metrics, *, first: bool) -> None:
+        if first:
+            jax.block_until_ready(metrics)
+            self.timed_from = time.time()
+            self.compile_s = self.timed_from - self.start
+        else:
+            self.timed_images += self.batch_size
+
+    def timing(self) -> dict:
+        now = time.time()
+        speed = self.timed_images / (now - self.timed_from) if self.timed_images else None
+        return {"seconds": now - self.start, "images_per_s": speed,
+                "compile_s": self.compile_s}
 
 
 class _StopRequest:
@@ -578,30 +687,30 @@ def on_device(batches, shard, ahead: int = 1):
     yield from queue
 
 
-def _consume(pending, bar, config):
-    """Fetch the pending steps' metrics in one transfer and check them in order: a
-    non-finite step stops the run (or is reported, with ``nan_policy="skip"``); the bar
-    shows the epoch's running means."""
+def raise_on_nonfinite(pending, bar, say, nan_policy: str) -> None:
+    """Read the pending steps' metrics back in one transfer and check them in order: a
+    non-finite step raises NonFiniteError (or is reported, with ``nan_policy="skip"``); the
+    bar shows the epoch's running means."""
     if not pending:
         return
     fetched = jax.device_get([metrics for _, metrics in pending])
     for (step, _), metrics in zip(pending, fetched):
         if metrics["finite"]:
             continue
-        if config.nan_policy == "stop":
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}); "
-                f"stopped. The last good checkpoint is kept; set nan_policy='skip' to skip "
-                f"such batches")
-        if bar is not None:
-            bar.write(f"warning: skipped step {step + 1}: non-finite loss or gradient")
+        if nan_policy == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient at step {step + 1} "
+                                 f"(loss={metrics['loss']}); stopped")
+        say(f"warning: skipped step {step + 1}: non-finite loss or gradient")
     if bar is not None:
         bar.set_postfix(loss=f"{fetched[-1]['epoch_loss']:.3f}",
                         acc=f"{fetched[-1]['epoch_accuracy']:.3f}")
 
 
-def _progress(config, epoch, num_epochs, start, total):
-    if not config.progress_bar or jax.process_index() != 0:
+def _progress_bar(config, epoch, num_epochs, start, total):
+    """A tqdm bar for the epoch, on process 0, when output goes to a terminal or a notebook
+    (in a log file a bar's redraws would bloat it; the epoch's line remains)."""
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    if not config.progress_bar or not interactive or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{num_epochs}",

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
-# Fields a rerun may change: what is logged, kept or shown, where the same data lives, and
-# how long the run goes on. Everything else defines the run.
+from ratebp_jax.data.fingerprint import fingerprint as data_fingerprint, short
+
+# Fields a rerun may change: what is logged, kept or shown, where the same data lives (its
+# fingerprint must not change), and how long the run goes on. Everything else defines the run.
 RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "log_every_steps",
-                "plots",
-                "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size", "nan_policy",
-                "data_dir", "data_workers", "grad_agreement_every_steps",
-                "grad_agreement_methods")
+                "plots", "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size",
+                "nan_policy", "data_dir", "data_path", "data_workers",
+                "grad_agreement_every_steps", "grad_agreement_methods")
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
+FINGERPRINT_KEY = "data_fingerprint"  # in config.json, beside the config's fields
 
 
 class RunMismatch(ValueError):
@@ -70,6 +73,10 @@ def check_same_run(workdir: str, config) -> None:
     new = config_dict(config)
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new
                if k in old and k not in RERUN_FIELDS and old[k] != new[k]]
+    if not changed and old.get(FINGERPRINT_KEY) is not None:
+        now = data_fingerprint(config)
+        if now is not None and now != old[FINGERPRINT_KEY]:
+            changed = [f"the data: {short(old[FINGERPRINT_KEY])} -> {short(now)}"]
     if changed:
         raise RunMismatch(
             f"workdir={workdir!r} holds a different run ({'; '.join(changed)}); nothing was "
@@ -77,20 +84,41 @@ def check_same_run(workdir: str, config) -> None:
             f"{', '.join(RERUN_FIELDS)})")
 
 
-def write_config(workdir: str, config) -> None:
+def write_config(workdir: str, config, fingerprint: dict | None) -> None:
+    """``config.json``: the config's fields and the fingerprint of the data it trains on."""
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict(config))
+        write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+                          {**config_dict(config), FINGERPRINT_KEY: fingerprint})
 
 
 def completed_summary(workdir: str, total_steps: int) -> dict | None:
-    """The summary of a run in ``workdir`` that already trained ``total_steps``, else None."""
+    """The summary of a run in ``workdir`` that trained ``total_steps`` and wrote every
+    artefact its summary lists, else None. The summary is a run's last write, so a run
+    that crashed before it is resumed, and its last writes are made again."""
     path = os.path.join(workdir, SUMMARY_FILE)
     if not os.path.exists(path):
         return None
     summary = read_json(path)
     if summary.get("interrupted") or summary.get("steps", -1) < total_steps:
         return None
+    if not all(os.path.exists(os.path.join(workdir, f)) for f in summary.get("artefacts", [])):
+        return None
     return summary
+
+
+def last_checkpoint(workdir: str) -> int | None:
+    """The newest committed step in ``workdir/checkpoints``, as a message about it must say."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def rerun_hint(workdir: str) -> str:
+    """What rerunning the same command does, as the checkpoints on disk say."""
+    step = last_checkpoint(workdir)
+    if step is None:
+        return "no checkpoint was written yet, so rerunning the same command starts from step 0"
+    return f"rerun the same command to resume from the last checkpoint, step {step}"
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -110,7 +138,9 @@ def async_checkpoints() -> bool:
 def checkpoint_managers(workdir: str, keep: int, *, create: bool = True):
     """``latest`` (resume) and ``best`` (highest test accuracy) orbax managers. Orbax writes
     to a temporary directory and renames it on commit, so a killed run never leaves a
-    half-written checkpoint that looks complete."""
+    half-written checkpoint that looks complete. The training run (``create=True``) also
+    removes the temporary directories of a killed run; a reader must not, since a run may
+    be writing them."""
     workdir = os.path.abspath(workdir)  # orbax needs absolute paths
     def manager(folder, max_to_keep):
         # The handler is named up front so that a fresh manager can read a checkpoint's
@@ -118,9 +148,53 @@ def checkpoint_managers(workdir: str, keep: int, *, create: bool = True):
         return ocp.CheckpointManager(
             os.path.join(workdir, folder), item_handlers=ocp.StandardCheckpointHandler(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=create,
+                max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create,
                 enable_async_checkpointing=async_checkpoints()))
     return manager("checkpoints", keep), manager("best", 1)
+
+
+def best_step(history: list[dict]) -> int | None:
+    """The step of the first epoch with the highest test accuracy: the one a run saves to
+    ``best/`` (a later epoch replaces it only when strictly better)."""
+    best = None
+    for record in history:
+        if best is None or record["test_accuracy"] > best["test_accuracy"]:
+            best = record
+    return None if best is None else best["step"]
+
+
+def reconcile_best(manager, history: list[dict], state, restored_step: int | None) -> None:
+    """Make ``best/`` hold exactly the best epoch of ``history`` (the records up to the
+    restored checkpoint), whatever a crash left there.
+
+    An epoch's end writes its metrics line, then the latest checkpoint, then (if better)
+    the best one; with asynchronous saves the two checkpoints may commit in either order. So
+    after a crash ``best/`` may hold a step past the restored one (its epoch is trained
+    again and saved again), a half-deleted older step, or lack the restored step although
+    its record is the best. The last case is the only one to write: the restored state is
+    that epoch's state, bit for bit. An older best step is always committed, because the
+    trainer waits for a best save before the next latest one starts.
+    """
+    wanted = best_step(history)
+    directory = os.fspath(manager.directory)
+    stale = [int(d) for d in os.listdir(directory) if d.isdigit() and int(d) != wanted]
+    if stale and jax.process_index() == 0:
+        for step in stale:
+            shutil.rmtree(os.path.join(directory, str(step)))
+    _sync("reconcile_best")
+    manager.reload()
+    if wanted is not None and wanted not in manager.all_steps():
+        if wanted != restored_step:
+            raise RuntimeError(f"{directory}: the best checkpoint, step {wanted}, is missing "
+                               f"and is not the restored step {restored_step}")
+        manager.save(wanted, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _leaf_signature(tree) -> dict[str, tuple]:
@@ -188,16 +262,28 @@ def append_jsonl(path, record):
 
 
 def read_jsonl(path):
+    """The records of a JSONL file. A last line without its newline is a write that a crash
+    cut short: it is left out (``truncate_jsonl`` then removes it). Any other unreadable
+    line raises."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        complete = f.read().split("\n")[:-1]  # what follows the last newline is torn or ""
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def write_json_atomic(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save_figure_atomic(fig, path):
+    """``fig`` as a PNG at ``path``, written under another name and renamed, so that a crash
+    never leaves a truncated image."""
+    tmp = path + ".tmp"
+    fig.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, path)
 
 
