@@ -134,6 +134,8 @@ def plot_agreement(records: list[dict], path: str) -> None:
     from matplotlib import cm, colors
     from matplotlib.figure import Figure
 
+    from ratebp_jax import workdir as wd
+
     by_method: dict[str, list[dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
@@ -157,7 +159,7 @@ def plot_agreement(records: list[dict], path: str) -> None:
         bar.set_label(f"layer depth (0 = {layers[0]}, {len(layers) - 1} = {layers[-1]})",
                       fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    wd.save_figure_atomic(fig, path)
 
 
 def _nan(x):
