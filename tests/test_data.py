@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from ratebp_jax import data, models, train
+from ratebp_jax import data, methods, models, train
 from ratebp_jax.data import arrays, augment, events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,4 +296,9 @@ def test_every_config_is_valid_and_builds_its_model(name):
     size = config.image_size or {"digits": 8}.get(config.dataset, 32)
     model = nnx.eval_shape(lambda: models.create_model(
         config.model, num_classes=num_classes, in_channels=in_channels, image_size=size))
-    assert model is not None
+    # The model takes the dataset's images and gives one logit per class (abstractly).
+    net, params, stats = methods.split_model(model)
+    images = jax.ShapeDtypeStruct((1, size, size, in_channels), np.float32)
+    logits, _ = jax.eval_shape(lambda p, s, x: methods.spike_inference(
+        net, p, s, x, T=1, step_mode=config.step_mode), params, stats, images)
+    assert logits.shape == (1, num_classes)
