@@ -90,8 +90,8 @@ def check_plot_format(path):
     ext = os.path.splitext(path)[1][1:].lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if ext and ext not in formats:
-        raise cli.UsageError(f"--plot={path!r}: unknown image format {ext!r}; allowed "
-                                    f"are {', '.join(sorted(formats))}")
+        raise cli.UsageError(f"--plot={path!r}: unknown image format {ext!r}; "
+                             f"{cli.allowed_values(sorted(formats))}")
 
 
 def run(args) -> list[dict]:

@@ -129,7 +129,7 @@ def validate(args):
     cli.check_choices("--dtype", [args.dtype], models.COMPUTE_DTYPES)
     cli.check_choices("--rate-grad-scale", [args.rate_grad_scale],
                              methods.RATE_GRAD_SCALES)
-    cli.check_float("--input-scale", args.input_scale, 0, low_open=True)
+    cli.check_number("--input-scale", args.input_scale, 0, low_open=True)
     cli.check_int("--seed", args.seed, 0, 2**32 - 1)
     cli.check_output_path("--json", args.json)
 

@@ -8,12 +8,14 @@ a usage block and a second line by default).
 from __future__ import annotations
 
 import argparse
-import difflib
-import math
 import os
 import re
 import sys
 import zipfile
+
+# The value checks, shared with the config validation; scripts call them as cli.check_*.
+from ratebp_jax.checks import (allowed_values, check_bool, check_choices,  # noqa: F401
+                               check_int, check_number, closest)
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                FileExistsError, PermissionError, IsADirectoryError, zipfile.BadZipFile)
@@ -45,53 +47,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(message)
-
-
-def closest(name: str, candidates) -> str:
-    """``"; did you mean X?"`` for the closest candidate, or ``""``."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
-def check_choices(flag: str, values, allowed) -> None:
-    """Every value of a (multi-valued) flag must be one of ``allowed`` (the closest one is
-    suggested)."""
-    allowed = list(allowed)
-    for value in values:
-        if value not in allowed:
-            raise UsageError(f"{flag}={value!r}: allowed values are {', '.join(allowed)}"
-                             f"{closest(str(value), allowed)}")
-
-
-def check_int(flag: str, value, minimum: int = 1, maximum: int | None = None) -> None:
-    """``value`` must be an int (not a bool) in [minimum, maximum]."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum and (
-        maximum is None or value <= maximum)
-    if not ok:
-        bound = f" and <= {maximum}" if maximum is not None else ""
-        raise UsageError(f"{flag}={value!r}: must be an integer >= {minimum}{bound}")
-
-
-def check_float(flag: str, value, low=None, high=None, *, low_open=False,
-                high_open=False) -> None:
-    """``value`` must be a finite real number in the given (half-)open or closed range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
-        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-        where = (f" in {lo}{hi}" if low is not None and high is not None
-                 else f" {'>' if low_open else '>='} {low}" if low is not None
-                 else f" {'<' if high_open else '<='} {high}" if high is not None else "")
-        raise UsageError(f"{flag}={value!r}: must be a finite number{where}")
-
-
-def check_bool(flag: str, value) -> None:
-    if not isinstance(value, bool):
-        raise UsageError(f"{flag}={value!r}: must be true or false")
 
 
 def check_output_path(flag: str, path) -> None:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ratebp_jax import convolution, neurons, ratebp
+from ratebp_jax import checks, convolution, neurons, ratebp
 
 PHASES = ("spike", "rate")
 STEP_MODES = ("multi", "single")
@@ -67,13 +67,9 @@ class Ctx:
     temporal_grad: bool = True
 
     def __post_init__(self):
-        if self.phase not in PHASES:
-            raise ValueError(f"phase={self.phase!r}: allowed values are {', '.join(PHASES)}")
-        if self.step_mode not in STEP_MODES:
-            raise ValueError(
-                f"step_mode={self.step_mode!r}: allowed values are {', '.join(STEP_MODES)}")
-        if not (isinstance(self.T, int) and self.T >= 1):
-            raise ValueError(f"T={self.T!r}: must be an integer >= 1")
+        checks.check_choice("phase", self.phase, PHASES)
+        checks.check_choice("step_mode", self.step_mode, STEP_MODES)
+        checks.check_int("T", self.T, 1)
 
 
 def _placeholder():
@@ -258,6 +254,7 @@ def _torch_default_bias(fan_in: int):
 
 
 def _initializers(init: str, fan_in: int):
+    checks.check_choice("init", init, INITS)
     if init == TORCH_DEFAULT:
         return (nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
                 _torch_default_bias(fan_in))
@@ -266,7 +263,6 @@ def _initializers(init: str, fan_in: int):
                 _torch_default_bias(fan_in))
     if init == NORMAL_05:
         return nnx.initializers.normal(0.5), nnx.initializers.zeros
-    raise ValueError(f"init={init!r}: allowed values are {', '.join(INITS)}")
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, bias: bool, init: str,
@@ -389,9 +385,7 @@ DEFAULT_POOL_TIES = "split"  # chosen by experiments/pool_ties.py (README, docs/
 
 
 def check_pool_ties(ties: str) -> str:
-    if ties not in POOL_TIES:
-        raise ValueError(f"pool_ties={ties!r}: allowed values are {', '.join(POOL_TIES)}")
-    return ties
+    return checks.check_choice("pool_ties", ties, POOL_TIES)
 
 
 def max_pool(x_NxHxWxC, ties: str, *, window: int = 3, stride: int = 2, padding: int = 1):

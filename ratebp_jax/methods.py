@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ratebp_jax import checks
 from ratebp_jax.layers import LIF, Ctx, Membrane, Record, STEP_MODES, at_least_float32
 
 RATE_GRAD_SCALES = ("exact", "reference")
@@ -146,13 +147,9 @@ def cross_entropy(logits_BxK, labels_B):
 
 
 def _check(step_mode, T, rate_grad_scale="exact"):
-    if step_mode not in STEP_MODES:
-        raise ValueError(f"step_mode={step_mode!r}: allowed values are {', '.join(STEP_MODES)}")
-    if not (isinstance(T, int) and T >= 1):
-        raise ValueError(f"T={T!r}: must be an integer >= 1")
-    if rate_grad_scale not in RATE_GRAD_SCALES:
-        raise ValueError(f"rate_grad_scale={rate_grad_scale!r}: allowed values are "
-                         f"{', '.join(RATE_GRAD_SCALES)}")
+    checks.check_choice("step_mode", step_mode, STEP_MODES)
+    checks.check_int("T", T, 1)
+    checks.check_choice("rate_grad_scale", rate_grad_scale, RATE_GRAD_SCALES)
 
 
 # --------------------------------------------------------------------------- methods
@@ -572,8 +569,7 @@ METHODS: dict[str, Callable] = {"bptt": bptt, "bptt_remat": bptt_remat, "rate": 
 
 def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:
     """The gradient function of method ``name`` (one of METHODS) for ``net``."""
-    if name not in METHODS:
-        raise ValueError(f"method={name!r}: allowed values are {', '.join(METHODS)}")
+    checks.check_choice("method", name, METHODS)
     return METHODS[name](net, **kwargs)
 
 

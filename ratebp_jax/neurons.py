@@ -17,6 +17,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ratebp_jax import checks
+
 RESET_MODES = ("soft", "soft_nodetach", "hard", "hard_detach")
 
 
@@ -71,17 +73,11 @@ class NeuronConfig:
     alpha: float = 4.0
 
     def __post_init__(self):
-        if not 0.0 <= self.lam < 1.0:
-            raise ValueError(f"lam={self.lam!r}: must satisfy 0 <= lam < 1")
-        if not self.thresh > 0.0:
-            raise ValueError(f"thresh={self.thresh!r}: must be > 0")
-        if self.reset not in RESET_MODES:
-            raise ValueError(f"reset={self.reset!r}: allowed values are {', '.join(RESET_MODES)}")
-        if self.surrogate not in SURROGATES:
-            raise ValueError(
-                f"surrogate={self.surrogate!r}: allowed values are {', '.join(SURROGATES)}")
-        if not self.alpha > 0.0:
-            raise ValueError(f"alpha={self.alpha!r}: must be > 0")
+        checks.check_number("lam", self.lam, 0.0, 1.0, high_open=True)
+        checks.check_number("thresh", self.thresh, 0.0, low_open=True)
+        checks.check_choice("reset", self.reset, RESET_MODES)
+        checks.check_choice("surrogate", self.surrogate, SURROGATES)
+        checks.check_number("alpha", self.alpha, 0.0, low_open=True)
 
     @property
     def hard(self) -> bool:

@@ -84,11 +84,9 @@ def validate_config(config, *, devices: bool = True) -> None:
     checks.check_number("surrogate_alpha", config.surrogate_alpha, 0.0, low_open=True)
     checks.check_number("v_reset", config.v_reset)
     neuron_config(config)  # lam, thresh, reset and surrogate, checked by the neuron itself
-    for field, low, high in (("lam", 0.0, 1.0), ("thresh", 0.0, None),
-                             ("learning_rate", 0.0, None), ("momentum", 0.0, 1.0),
-                             ("weight_decay", 0.0, None)):
-        checks.check_number(field, config[field], low, high, high_open=True,
-                            low_open=field in ("thresh", "learning_rate"))
+    checks.check_number("learning_rate", config.learning_rate, 0.0, low_open=True)
+    checks.check_number("momentum", config.momentum, 0.0, 1.0, high_open=True)
+    checks.check_number("weight_decay", config.weight_decay, 0.0)
     n = jax.device_count() if devices else 1
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % n:

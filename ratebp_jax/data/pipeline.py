@@ -26,6 +26,8 @@ import numpy as np
 from absl import flags
 from grain._src.python.dataset.transformations import process_prefetch
 
+from ratebp_jax import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
@@ -150,8 +152,7 @@ def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps:
     ``get_state()`` / ``set_state()`` checkpoint and restore its position."""
     for name, value, low in (("batch_size", batch_size, 1), ("total_steps", total_steps, 0),
                              ("start_step", start_step, 0), ("workers", workers, 0)):
-        if not _is_int(value) or value < low:
-            raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+        checks.check_int(name, value, low)
     if start_step > total_steps:
         raise ValueError(f"start_step={start_step}: must be <= total_steps ({total_steps})")
     if dataset.steps_per_epoch(batch_size) < 1:
@@ -162,11 +163,6 @@ def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps:
     iterator = TrainIterator(batch_at, int(total_steps), int(workers))
     iterator.set_state({"step": int(start_step)})
     return iterator
-
-
-def _is_int(value) -> bool:
-    """A Python or NumPy integer, not a bool (steps often come from arrays or JSON)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class TrainIterator:
@@ -219,9 +215,7 @@ class TrainIterator:
     def set_state(self, state: dict) -> None:
         """Continue from ``state["step"]`` (a ``get_state()`` of any such iterator)."""
         step = state["step"]
-        if not _is_int(step) or not 0 <= step <= self._total_steps:
-            raise ValueError(f"state step={step!r}: must be an integer in [0, "
-                             f"{self._total_steps}]")
+        checks.check_int("state step", step, 0, self._total_steps)
         self.close()
         self._step = int(step)
 

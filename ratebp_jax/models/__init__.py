@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ratebp_jax import checks
 from ratebp_jax.layers import DEFAULT_POOL_TIES, LIF, MaxPool, check_pool_ties
 from ratebp_jax.models import preact_resnet, resnet, sew_resnet, vgg
 from ratebp_jax.neurons import NeuronConfig
@@ -91,9 +92,7 @@ def resolve(name: str) -> Callable[..., nnx.Module]:
     arguments :data:`FACTORY_KWARGS`.
     """
     if not isinstance(name, str) or ":" not in name:
-        if name not in MODELS:
-            raise ValueError(f"model={name!r}: allowed values are {', '.join(MODELS)}, or "
-                             f"an import path package.module:Factory")
+        checks.check_choice("model", name, MODELS, also="an import path package.module:Factory")
         return MODELS[name]
     module_name, _, attribute = name.partition(":")
     if not all(part.isidentifier() for part in module_name.split(".") + [attribute]):
@@ -209,6 +208,4 @@ def set_pool_ties(model: nnx.Module, pool_ties: str) -> nnx.Module:
 
 
 def _check_compute_dtype(compute_dtype):
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype={compute_dtype!r}: allowed values are "
-                         f"{', '.join(COMPUTE_DTYPES)}")
+    checks.check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
