@@ -1,22 +1,20 @@
 """Gradient methods: pure, jittable functions built from one model definition.
 
-Every method made by :func:`make_grad_fn` has the contract (docs/DESIGN.md section 2.1)::
+Every method made by :func:`make_grad_fn` is (docs/DESIGN.md section 2.1)::
 
     grad_fn(params, batch_stats, batch) -> ((loss, aux), grads)
 
-``batch = {"image": x, "label": y_B}`` with ``x`` either a static image batch
-``[B, H, W, C]`` (fed at every step, the reference's direct encoding) or a time-major
-sequence ``[T, B, H, W, C]``. ``aux`` holds ``logits`` ``[B, K]`` (the output averaged over
-T) and the ``batch_stats`` after the spike pass. The method is the only place that knows
-how gradients are formed; models and layers know only the phase they are run in.
-
-Whatever dtype a model's layers compute in (``models.set_compute_dtype``), the logits are
-taken in float32 (:func:`logits_of`), so their time average, the loss and ``aux`` are
-float32, and the gradients have the parameters' dtype.
+``batch = {"image": x, "label": y_B}``, ``x`` a static ``[B, H, W, C]`` batch fed at every
+step or a ``[T, B, H, W, C]`` sequence; ``aux`` holds the time-mean ``logits`` ``[B, K]``
+and the ``batch_stats`` after the step. Only this module knows how gradients are formed;
+models and layers know only the phase they run in. Logits, loss and ``aux`` are float32
+whatever the layers compute in (:func:`logits_of`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -32,11 +30,8 @@ RATE_GRAD_SCALES = ("exact", "reference")
 
 @dataclasses.dataclass(frozen=True)
 class Network:
-    """A model's graph and its transient placeholders, split off once outside jit.
-
-    ``transient`` holds the scalar placeholders of the Record and Membrane variables; every
-    call starts from them, so no record outlives the step that made it.
-    """
+    """A model's graph and the scalar placeholders of its Record and Membrane variables
+    (``transient``); every call starts from them, so no record outlives its step."""
 
     graphdef: Any
     transient: Any
@@ -49,16 +44,11 @@ class Network:
 
 
 def split_model(model: nnx.Module):
-    """Split an NNX model into a :class:`Network` and its ``params`` and ``batch_stats``."""
+    """Split an NNX model into a :class:`Network` and its ``params`` and ``batch_stats``.
+    Inside a method, the new Network's ``transient`` is what the layers recorded."""
     graphdef, params, batch_stats, transient = nnx.split(
         model, nnx.Param, nnx.BatchStat, (Record, Membrane))
     return Network(graphdef, transient), params, batch_stats
-
-
-def _split(model):
-    _, params, batch_stats, transient = nnx.split(
-        model, nnx.Param, nnx.BatchStat, (Record, Membrane))
-    return params, batch_stats, transient
 
 
 def check_images(images, T: int):
@@ -100,9 +90,8 @@ def time_mean(images, T: int):
 
 
 def logits_of(model, x, ctx: Ctx):
-    """``model(x, ctx)`` in float32: a bfloat16 classifier's logits are cast up before they
-    are averaged over time (a sum of T bfloat16 terms would round at every step) and before
-    the softmax and the loss."""
+    """``model(x, ctx)`` in float32, so that a bfloat16 classifier's logits are not rounded
+    at every term of their time average, nor in the softmax and the loss."""
     return at_least_float32(model(x, ctx))
 
 
@@ -118,8 +107,8 @@ def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
         model = net.merge(params, batch_stats)
         B = x_TxB.shape[1]
         logits = logits_of(model, x_TxB.reshape((T * B,) + x_TxB.shape[2:]), ctx)
-        _, batch_stats, transient = _split(model)
-        return logits.reshape((T, B, -1)).mean(0), batch_stats, transient
+        after, _, batch_stats = split_model(model)
+        return logits.reshape((T, B, -1)).mean(0), batch_stats, after.transient
 
     images = check_images(images, T)
     static = images.ndim == 4  # fed at every step without materialising T copies
@@ -128,8 +117,8 @@ def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
         batch_stats, transient, logits_sum = carry
         model = net.merge(params, batch_stats, transient)
         logits = logits_of(model, images if static else x_B, ctx)
-        _, batch_stats, transient = _split(model)
-        return (batch_stats, transient, logits_sum + logits / T), None
+        after, _, batch_stats = split_model(model)
+        return (batch_stats, after.transient, logits_sum + logits / T), None
 
     if ctx.remat:  # keep only the carry per step; recompute the step in the backward pass
         step = jax.checkpoint(step)
@@ -153,17 +142,13 @@ def _check(step_mode, T, rate_grad_scale="exact"):
 
 
 # --------------------------------------------------------------------------- methods
-def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False,
-         **unused) -> Callable:
+def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False) -> Callable:
     """Surrogate-gradient backpropagation through time: autodiff through the T-step scan.
 
-    ``remat=True`` rematerialises: in single step mode each time step is a
-    ``jax.checkpoint`` (only the neuron and BN state is stored per step); in multi step mode
-    each unit (a residual block, a conv-BN-LIF layer; ``layers.call_unit``) keeps only its
-    input and recomputes the rest in its backward pass.
+    ``remat=True`` recomputes instead of storing: each time step (single step mode), or
+    each unit wrapped in ``layers.call_unit`` (multi).
     """
     _check(step_mode, T)
-    del unused
     ctx = Ctx("spike", step_mode, T, train=True, record=False, remat=remat)
 
     def grad_fn(params, batch_stats, batch):
@@ -180,29 +165,27 @@ def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False,
 
 
 def spike_pass(net: Network, params, batch_stats, images, *, T: int, step_mode: str):
-    """Rate-BP step 1: the real T-step SNN without gradient, recording rates, eligibilities
-    and BatchNorm statistics. Returns ``(logits, batch_stats, records)``."""
+    """Rate-BP step 1 (docs/DESIGN.md section 2.2): the T-step SNN without gradient,
+    recording what the rate pass needs. Returns ``(logits, batch_stats, records)``."""
     ctx = Ctx("spike", step_mode, T, train=True, record=True)
     return simulate(net, jax.lax.stop_gradient(params), batch_stats, images, ctx)
 
 
 def rate_pass(net: Network, params, batch_stats, records, x_B, *, T: int, step_mode: str):
-    """Rate-BP step 2: one differentiable pass on the time-mean input. Returns logits."""
+    """Rate-BP step 2 (docs/DESIGN.md section 2.3): one differentiable pass on the
+    time-mean input ``x_B``. Returns logits."""
     model = net.merge(params, batch_stats, records)
     return logits_of(model, x_B, Ctx("rate", step_mode, T))
 
 
-def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str = "exact",
-         **unused) -> Callable:
+def rate(net: Network, *, T: int, step_mode: str = "multi",
+         rate_grad_scale: str = "exact") -> Callable:
     """Rate-based backpropagation (Yu et al. 2024): a spike pass, then one rate pass.
 
-    ``rate_grad_scale="exact"`` returns the true gradient of the rate graph;
-    ``"reference"`` multiplies it by ``1/T`` as the paper's code does (its loss value is
-    unscaled). The backward pass goes through one non-temporal pass only, so in single step
-    mode nothing per time step is kept.
+    ``rate_grad_scale="reference"`` multiplies the exact gradient of the rate graph by 1/T,
+    as the paper's code does (docs/DESIGN.md section 5.4).
     """
     _check(step_mode, T, rate_grad_scale)
-    del unused
     scale = 1.0 if rate_grad_scale == "exact" else 1.0 / T
 
     def grad_fn(params, batch_stats, batch):
@@ -222,42 +205,23 @@ def rate(net: Network, *, T: int, step_mode: str = "multi", rate_grad_scale: str
     return grad_fn
 
 
-def bptt_remat(net: Network, **kwargs) -> Callable:
+def bptt_remat(net: Network, *, T: int, step_mode: str = "multi") -> Callable:
     """BPTT with rematerialisation (see :func:`bptt`): less memory for more compute."""
-    return bptt(net, remat=True, **kwargs)
+    return bptt(net, T=T, step_mode=step_mode, remat=True)
 
 
 # --------------------------------------------------------------------------- SLTT and OTTT
-# Both baselines differentiate only the spatial path of each time step: the membrane carry
-# u_{t-1} -> v_t is cut (Ctx.temporal_grad=False), and the loss is the per-step
-#     L = (1/T) sum_t CE(o_t, y),
-# o_t the logits of step t, as in both official implementations (SLTT's train_SLTT.py and
-# OTTT's train_cifar.py divide each step's loss by T and backpropagate it at that step; we
-# leave out their optional MSE term). At T=1 this equals BPTT's CE(mean_t o_t, y), and both
-# methods' gradients equal BPTT's. The reported ``loss`` is L over all T steps and
-# ``aux["logits"]`` the time mean of o_t, as for the other methods.
-#
-# step_mode="single" is the papers' online form: a lax.scan over t whose body takes the
-# gradient of step t's loss and adds it to a gradient carry, so nothing per step is kept and
-# compiled memory does not grow with T. BatchNorm uses each step's batch statistics, and
-# its gradient flows through them within the step. step_mode="multi" computes the same
-# formula on the folded [T*B, ...] layout with one backward pass over all steps (memory
-# grows with T, as for BPTT). There BatchNorm pools its statistics over T*B, which couples
-# the steps through the statistics, so multi and single gradients agree only without BN.
+# The spatial path, the per-step loss, the step modes and the formulas: docs/DESIGN.md
+# section 6.
 def _check_K(K, T):
     if K is not None and not (isinstance(K, int) and not isinstance(K, bool) and 1 <= K <= T):
         raise ValueError(f"K={K!r}: must be an integer with 1 <= K <= T={T}")
 
 
 def _step_key(batch, seed: int):
-    """The key SLTT-K draws its time steps from, a pure function of ``(seed, batch)``.
-
-    ``batch["rng"]``, if present, is a PRNG key (typed, or legacy ``uint32[2]`` key data),
-    used as is, or an integer such as the training step, folded into
-    ``jax.random.key(seed)``. Without it, a fingerprint of
-    the batch is folded in: the wrapping uint32 sum of the image and label bits, which does
-    not depend on the reduction order. Different batches then draw different steps.
-    """
+    """The key SLTT-K draws its time steps from, a pure function of ``(seed, batch)``:
+    ``batch["rng"]`` (a typed key, ``uint32[2]`` key data, or an integer folded into
+    ``key(seed)``), else a fingerprint of the batch (docs/DESIGN.md section 6.2)."""
     base = jax.random.key(seed)
     rng = batch.get("rng")
     if rng is not None:
@@ -276,21 +240,16 @@ def _step_key(batch, seed: int):
 
 def sltt_steps(batch, *, T: int, K: int, seed: int = 0):
     """Boolean mask ``[T]`` of the K distinct time steps SLTT-K backpropagates at, drawn
-    uniformly without replacement (``torch.randperm(T)[:K]`` in the official
-    train_SLTTK.py) from the key of :func:`_step_key`."""
+    uniformly without replacement from the key of :func:`_step_key`."""
     _check_K(K, T)
     perm = jax.random.permutation(_step_key(batch, seed), T)
     return jnp.zeros((T,), bool).at[perm[:K]].set(True)
 
 
 def _weight_grad_at(op):
-    """``op(x, w)``, whose VJP w.r.t. ``w`` is taken at a third argument ``a_hat``.
-
-    ``op`` is bilinear (a convolution or a dot product), so its VJP w.r.t. ``x`` does not
-    depend on ``x``: the input gradient stays the spatial ``W^T delta`` while the weight
-    gradient becomes ``delta (x) a_hat`` instead of ``delta (x) x``. This is OTTT's
-    ``GradwithTrace``, without running the layer twice. ``a_hat`` gets no gradient.
-    """
+    """``op(x, w)``, whose VJP w.r.t. ``w`` is taken at a third argument ``a_hat`` (no
+    gradient). ``op`` is bilinear, so the input gradient is unchanged (docs/DESIGN.md
+    section 6.3)."""
     @jax.custom_vjp
     def apply(x, w, a_hat):
         del a_hat
@@ -323,25 +282,17 @@ def _trace_decay(model, trace_decay):
 
 
 def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_trace: bool):
-    """Make every ``nnx.Conv`` / ``nnx.Linear`` of the merged ``model`` (a fresh copy made
-    inside this trace) form its weight gradient from the presynaptic trace of its input.
-
-    The trace ``a_hat_t = lam * a_hat_{t-1} + a_t`` of the layer's input ``a_t`` runs over
-    time: in single step mode from ``traces_in`` (keyed by layer path and call number, or
-    None for zeros), in multi step mode along the folded time axis. A layer fed the raw
-    network input ``x_in`` itself keeps its instantaneous input unless ``input_trace`` (the
-    official code's OTTTSequential only wraps layers fed by [spike, trace] pairs). Such a
-    layer is recognised by identity: its op receives ``x_in``, or, when the layer computes
-    in another dtype, the very array its ``promote_dtype`` cast ``x_in`` to.
-
-    The trace runs in float32 (a running sum over T, like a membrane; see
-    ``layers.at_least_float32``) and is cast to the layer's compute dtype where it is used.
+    """Make every ``nnx.Conv`` / ``nnx.Linear`` of the merged ``model`` (a copy made inside
+    this trace) form its weight gradient from the presynaptic trace of its input
+    (docs/DESIGN.md section 6.3). In single step mode the traces continue ``traces_in``
+    (keyed by layer path and call number; None for zeros), in multi step mode they run
+    along the folded time axis.
 
     Returns the dict the hooks fill with each layer's new trace (empty in multi mode), and
-    a list the hooks append the paths of layers fed ``x_in`` to.
+    the list they append the paths of layers fed ``x_in`` to.
     """
     traces_out, calls, input_layers = {}, {}, []
-    fed_input = [x_in]  # x_in and its casts to the layers' compute dtypes
+    fed_input = [x_in]  # x_in and its casts to the layers' compute dtypes: found by identity
 
     def remember_casts(promote):
         def promote_recording(arrays, **kwargs):
@@ -355,7 +306,7 @@ def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_
         def traced(x, w, *args, **kwargs):
             n = calls[path] = calls.get(path, -1) + 1
             key = f"{path}#{n}"
-            a = at_least_float32(jax.lax.stop_gradient(x))
+            a = at_least_float32(jax.lax.stop_gradient(x))  # a running sum, like a membrane
             if ctx.step_mode == "single":
                 prev = None if traces_in is None else traces_in[key]
                 a_hat = a if prev is None else lam * prev + a
@@ -384,15 +335,12 @@ def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_
     return traces_out, input_layers
 
 
-def _spatial_method(net: Network, *, T: int, step_mode: str, K, seed: int, traces: bool,
-                    trace_decay, input_trace: bool) -> Callable:
-    """The shared engine of SLTT, SLTT-K and OTTT (see the comment block above)."""
-    _check(step_mode, T)
-    _check_K(K, T)
-    ctx = Ctx("spike", step_mode, T, train=True, record=False, temporal_grad=False)
-
+def _spatial_forward(net: Network, ctx: Ctx, *, traces: bool, trace_decay,
+                     input_trace: bool) -> Callable:
+    """``run(params, batch_stats, transient, x, traces_in) -> (logits, batch_stats,
+    transient, traces_out)``: one differentiable call of the model, one step (single step
+    mode) or all T (multi), with OTTT's trace hooks when ``traces``."""
     def run(params, batch_stats, transient, x, traces_in):
-        """One differentiable call of the model: one step (single) or all T (multi)."""
         model = net.merge(params, batch_stats, transient)
         traces_out = None
         if traces:
@@ -401,80 +349,97 @@ def _spatial_method(net: Network, *, T: int, step_mode: str, K, seed: int, trace
                 lam=_trace_decay(model, trace_decay), input_trace=input_trace)
         logits = logits_of(model, x, ctx)
         if traces and not input_trace and not input_layers:
-            # The input-layer rule recognises the network input by identity; a model that
-            # reshapes or pools it before its first weight layer would silently get the
-            # trace there instead.
+            # A model that reshapes or pools its input first would silently get the trace.
             raise ValueError("input_trace=False: no convolution or dense layer is applied "
                              "to the network input itself, so the layers fed by the input "
                              "cannot be told apart; pass input_trace=True")
-        _, new_stats, new_transient = _split(model)
-        return logits, new_stats, new_transient, traces_out
+        after, _, new_stats = split_model(model)
+        return logits, new_stats, after.transient, traces_out
 
-    def grad_multi(params, batch_stats, images, labels, mask):
-        x_TxB = time_major(images, T)
-        B = x_TxB.shape[1]
-        x_in = x_TxB.reshape((T * B,) + x_TxB.shape[2:])
+    return run
 
-        def loss_fn(params):
-            logits, new_stats, _, _ = run(params, batch_stats, net.transient, x_in, None)
-            logits = logits.reshape((T, B, -1))
-            per_step = jax.vmap(cross_entropy, (0, None))(logits, labels)
-            loss = per_step.mean()
-            loss_for_grad = loss if mask is None else jnp.sum(per_step * mask) / T
-            return loss_for_grad, (loss, logits.mean(0), new_stats)
 
-        (_, (loss, logits, new_stats)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(params)
-        return loss, logits, new_stats, grads
+def _spatial_grads_multi(run, net: Network, T: int, params, batch_stats, images, labels,
+                         mask):
+    """The per-step loss on the folded ``[T*B, ...]`` layout, with one backward pass.
+    Returns ``(loss, logits_BxK, batch_stats, grads)``."""
+    x_TxB = time_major(images, T)
+    B = x_TxB.shape[1]
+    x_in = x_TxB.reshape((T * B,) + x_TxB.shape[2:])
 
-    def grad_single(params, batch_stats, images, labels, mask):
-        static = images.ndim == 4  # fed at every step without materialising T copies
-        zero_grads = jax.tree.map(jnp.zeros_like, params)
+    def loss_fn(params):
+        logits, new_stats, _, _ = run(params, batch_stats, net.transient, x_in, None)
+        logits = logits.reshape((T, B, -1))
+        per_step = jax.vmap(cross_entropy, (0, None))(logits, labels)
+        loss = per_step.mean()
+        loss_for_grad = loss if mask is None else jnp.sum(per_step * mask) / T
+        return loss_for_grad, (loss, logits.mean(0), new_stats)
 
-        def step(carry, xs):
-            stats, transient, traces_in, grads, loss_sum, logits_sum = carry
-            x_B, m = xs
-            x = images if static else x_B
+    (_, (loss, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, logits, new_stats, grads
 
-            def loss_t(params):
-                logits, new_stats, new_transient, traces_out = run(
-                    params, stats, transient, x, traces_in)
-                return (cross_entropy(logits, labels) / T,
-                        (logits, new_stats, new_transient, traces_out))
 
-            def with_grad(_):
-                (loss, aux), g = jax.value_and_grad(loss_t, has_aux=True)(params)
-                return loss, aux, g
+def _spatial_grads_single(run, net: Network, T: int, params, batch_stats, images, labels,
+                          mask):
+    """A scan over t whose body adds step t's gradient to a carry, so nothing per step is
+    kept; steps off the SLTT-K ``mask`` run forward only. Returns as
+    :func:`_spatial_grads_multi`."""
+    static = images.ndim == 4  # fed at every step without materialising T copies
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
 
-            def forward_only(_):
-                loss, aux = loss_t(jax.lax.stop_gradient(params))
-                return loss, aux, zero_grads
+    def step(carry, xs):
+        stats, transient, traces_in, grads, loss_sum, logits_sum = carry
+        x_B, m = xs
 
-            if m is None:
-                loss, aux, g = with_grad(None)
-            else:
-                loss, aux, g = jax.lax.cond(m, with_grad, forward_only, None)
-            logits, stats, transient, traces_out = aux
-            grads = jax.tree.map(jnp.add, grads, g)
-            return (stats, transient, traces_out, grads, loss_sum + loss,
-                    logits_sum + logits / T), None
+        def loss_t(params):
+            logits, new_stats, new_transient, traces_out = run(
+                params, stats, transient, images if static else x_B, traces_in)
+            return (cross_entropy(logits, labels) / T,
+                    (logits, new_stats, new_transient, traces_out))
 
-        x_first = images if static else images[0]
-        # The carry needs fixed shapes: take them from one abstract step, start from zeros.
-        logits, _, transient, traces_out = jax.eval_shape(
-            lambda: run(params, batch_stats, net.transient, x_first, None))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             (transient, traces_out, zero_grads, jnp.zeros(()), logits))
-        carry = (batch_stats,) + zeros
-        (new_stats, _, _, grads, loss, logits), _ = jax.lax.scan(
-            step, carry, (None if static else images, mask), length=T)
-        return loss, logits, new_stats, grads
+        def with_grad(_):
+            (loss, aux), g = jax.value_and_grad(loss_t, has_aux=True)(params)
+            return loss, aux, g
+
+        def forward_only(_):
+            loss, aux = loss_t(jax.lax.stop_gradient(params))
+            return loss, aux, zero_grads
+
+        if m is None:
+            loss, aux, g = with_grad(None)
+        else:
+            loss, aux, g = jax.lax.cond(m, with_grad, forward_only, None)
+        logits, stats, transient, traces_out = aux
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (stats, transient, traces_out, grads, loss_sum + loss,
+                logits_sum + logits / T), None
+
+    x_first = images if static else images[0]
+    # The carry needs fixed shapes: take them from one abstract step, start from zeros.
+    logits, _, transient, traces_out = jax.eval_shape(
+        lambda: run(params, batch_stats, net.transient, x_first, None))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         (transient, traces_out, zero_grads, jnp.zeros(()), logits))
+    (new_stats, _, _, grads, loss, logits), _ = jax.lax.scan(
+        step, (batch_stats,) + zeros, (None if static else images, mask), length=T)
+    return loss, logits, new_stats, grads
+
+
+def _spatial_method(net: Network, *, T: int, step_mode: str, K, seed: int, traces: bool,
+                    trace_decay, input_trace: bool) -> Callable:
+    """The shared engine of SLTT, SLTT-K and OTTT (docs/DESIGN.md section 6)."""
+    _check(step_mode, T)
+    _check_K(K, T)
+    ctx = Ctx("spike", step_mode, T, train=True, record=False, temporal_grad=False)
+    run = _spatial_forward(net, ctx, traces=traces, trace_decay=trace_decay,
+                           input_trace=input_trace)
+    grads_of = functools.partial(
+        _spatial_grads_single if step_mode == "single" else _spatial_grads_multi, run, net, T)
 
     def grad_fn(params, batch_stats, batch):
         check_batch(batch, T)
         mask = None if K is None else sltt_steps(batch, T=T, K=K, seed=seed)
-        run_mode = grad_single if step_mode == "single" else grad_multi
-        loss, logits, new_stats, grads = run_mode(params, batch_stats, batch["image"],
+        loss, logits, new_stats, grads = grads_of(params, batch_stats, batch["image"],
                                                   batch["label"], mask)
         return (loss, {"logits": logits, "batch_stats": new_stats}), grads
 
@@ -482,83 +447,33 @@ def _spatial_method(net: Network, *, T: int, step_mode: str, K, seed: int, trace
 
 
 def sltt(net: Network, *, T: int, step_mode: str = "single", K: int | None = None,
-         seed: int = 0, **unused) -> Callable:
-    """Spatial learning through time (Meng et al., "Towards Memory- and Time-Efficient
-    Backpropagation for Training Spiking Neural Networks", ICCV 2023, arXiv:2302.14311).
+         seed: int = 0) -> Callable:
+    """Spatial learning through time (Meng et al., ICCV 2023, arXiv:2302.14311): BPTT
+    without the gradient through the membrane between steps (docs/DESIGN.md section 6.2).
 
-    The paper splits BPTT's gradient into a spatial part (through ``s^l[t] -> u^{l+1}[t]``
-    within a step) and a temporal part (through ``u^l[t] -> u^l[t+1]``), observes that the
-    temporal part contributes little, and keeps only the spatial one (the paper's Sec. 4,
-    "Spatial Learning Through Time"). With ``delta^l_t = dL/dv^l_t`` along the spatial path
-    of step t only,
-
-        dL/dW^l = sum_t  delta^{l+1}_t (x) s^l_t,
-        delta^l_t = (W^{l+1 T} delta^{l+1}_t) * sg(v^l_t),
-
-    i.e. BPTT's recursion with ``du^l_t/du^l_{t-1}`` set to zero; the official neuron does
-    this by detaching the membrane at every charge (``self.v.detach() * decay + x``). The
-    reset then carries no gradient either, so every reset mode gives the same rule.
-
-    ``K`` (SLTT-K, same paper): backpropagate only at K time steps drawn at random without
-    replacement (:func:`sltt_steps`); the gradient is ``sum_{t in S} d(CE(o_t, y)/T)/dW``
-    with no T/K rescaling, as in the official train_SLTTK.py. The reported loss still
-    averages all T steps. The draw is a pure function of ``seed`` and the batch: put a key
-    or the training step in ``batch["rng"]`` to control it. In single step mode the
-    unselected steps run forward only (a ``lax.cond``), which is where the time is saved.
-
-    Loss, BatchNorm and the step modes: see the comment block above :func:`_check_K`; the
-    default step mode is "single", the online form the paper uses.
+    ``K``: backpropagate only at K random time steps (SLTT-K), drawn from ``seed`` and the
+    batch (``batch["rng"]``, if given; :func:`sltt_steps`).
     """
-    del unused
     return _spatial_method(net, T=T, step_mode=step_mode, K=K, seed=seed, traces=False,
                            trace_decay=None, input_trace=False)
 
 
-def sltt_k(net: Network, *, K: int = 1, **kwargs) -> Callable:
+def sltt_k(net: Network, *, T: int, step_mode: str = "single", K: int = 1,
+           seed: int = 0) -> Callable:
     """SLTT-K (see :func:`sltt`): SLTT with gradients at K random time steps (default 1)."""
-    return sltt(net, K=K, **kwargs)
+    return sltt(net, T=T, step_mode=step_mode, K=K, seed=seed)
 
 
 def ottt(net: Network, *, T: int, step_mode: str = "single", trace_decay: float | None = None,
-         input_trace: bool = False, **unused) -> Callable:
-    """Online training through time (Xiao et al., NeurIPS 2022, arXiv:2210.04195), in its
-    OTTT_A form: gradients accumulated over the T steps, one update per batch.
+         input_trace: bool = False) -> Callable:
+    """Online training through time (Xiao et al., NeurIPS 2022, arXiv:2210.04195), OTTT_A:
+    SLTT's spatial gradient with each weight gradient taken at the presynaptic trace of its
+    layer's input (docs/DESIGN.md section 6.3).
 
-    OTTT drops the temporal dependency of BPTT (as :func:`sltt` does; the official
-    ``OTTTLIFNode`` detaches its membrane every step) and recovers part of it by tracking
-    presynaptic activity (paper Sec. 4, "Online Training Through Time"): for a layer
-    ``y_t = W a_t`` feeding LIF neurons with decay ``lam``, ``du_t/dW`` summed along the
-    postsynaptic membrane, with the reset's dependency ignored as the paper does, is the
-    trace
-
-        a_hat_t = lam * a_hat_{t-1} + a_t     (a_hat_0 = 0),
-
-    and the gradient of the instantaneous loss ``L_t = CE(o_t, y)/T`` is
-
-        dL/dW += delta_t (x) a_hat_t,   delta_t = dL_t/dy_t along step t's spatial path.
-
-    Errors propagate to lower layers as in SLTT (``W^T delta_t``, no trace there); only the
-    weight gradients of convolutions and dense layers (the classifier too, as in the
-    official ``OTTTSequential``) use the trace. Biases and BatchNorm parameters keep their
-    instantaneous gradients. At T=1, ``a_hat = a`` and OTTT equals BPTT.
-
-    trace_decay: ``lam`` of the traces; None takes the network's neuron decay
-      ``NeuronConfig.lam`` (the official code uses the LIF's ``1 - 1/tau``).
-    input_trace: also use the trace for layers fed the raw network input. False (the
-      default) keeps their instantaneous input, as the official code does (only layers fed
-      by spiking neurons receive a [spike, trace] pair there).
-
-    Generalisations to the zoo, which the paper (VGG with scaled weight standardisation and
-    no BatchNorm) does not cover: the trace is that of each weight layer's actual input
-    (a sum of spikes after a SEW add, the real-valued residual stream in PreAct-ResNet, the
-    pooled spikes after a max pool), and BatchNorm uses per-step batch statistics in single
-    step mode, with ``delta_t`` taken through them (see the comment block above
-    :func:`_check_K`). Implementation: each merged ``nnx.Conv``/``nnx.Linear`` gets its
-    ``conv_general_dilated``/``dot_general`` replaced by a custom-VJP op whose weight VJP
-    is evaluated at the trace; the traces are carried by the time scan. In single step mode
-    compiled memory does not grow with T.
+    trace_decay: the traces' decay; None takes the network's neuron decay.
+    input_trace: also use the trace for layers fed the raw network input (the official
+      code does not).
     """
-    del unused
     return _spatial_method(net, T=T, step_mode=step_mode, K=None, seed=0, traces=True,
                            trace_decay=trace_decay, input_trace=input_trace)
 
@@ -567,10 +482,40 @@ METHODS: dict[str, Callable] = {"bptt": bptt, "bptt_remat": bptt_remat, "rate": 
                                 "sltt": sltt, "sltt_k": sltt_k, "ottt": ottt}
 
 
+def method_keywords(name: str) -> frozenset[str]:
+    """The keyword arguments method ``name``'s builder takes, read off its signature."""
+    return frozenset(list(inspect.signature(METHODS[name]).parameters)[1:])
+
+
 def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:
-    """The gradient function of method ``name`` (one of METHODS) for ``net``."""
+    """The gradient function of method ``name`` (one of METHODS) for ``net``.
+
+    The method gets the keyword arguments it takes. One that another method takes is
+    ignored, so that one call can serve every method (the trainer passes
+    ``rate_grad_scale`` to all); one that no method takes raises TypeError.
+
+    T: the number of time steps; required by every method.
+    step_mode: "multi" (time folded into the batch) or "single" (one network step per scan
+      iteration); docs/DESIGN.md section 3. Default "multi" for bptt, bptt_remat and rate,
+      "single" (the papers' online form) for sltt, sltt_k and ottt.
+    remat: bptt only, default False: recompute instead of storing (bptt_remat sets it).
+    rate_grad_scale: rate only, default "exact"; "reference" scales the gradient by 1/T
+      (docs/DESIGN.md section 5.4).
+    K: sltt (default None: every step) and sltt_k (default 1): backpropagate at K random
+      time steps.
+    seed: sltt and sltt_k, default 0: the seed of those steps' draw.
+    trace_decay: ottt only, default None (the neurons' decay): the traces' decay.
+    input_trace: ottt only, default False: also trace the layers fed the network input.
+    """
     checks.check_choice("method", name, METHODS)
-    return METHODS[name](net, **kwargs)
+    known = frozenset().union(*map(method_keywords, METHODS))
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"make_grad_fn: no method takes the keyword argument "
+                        f"{', '.join(map(repr, unknown))}; the methods take "
+                        f"{', '.join(sorted(known))}")
+    taken = method_keywords(name)
+    return METHODS[name](net, **{k: v for k, v in kwargs.items() if k in taken})
 
 
 def spike_inference(net: Network, params, batch_stats, images, *, T: int, step_mode: str):

@@ -286,6 +286,27 @@ def test_unknown_method_lists_allowed_names():
         methods.make_grad_fn("sgd", net, T=1)
 
 
+def test_keyword_no_method_takes_is_named_in_a_type_error():
+    net, *_ = tiny_setup("vgg_tiny")
+    with pytest.raises(TypeError, match="keyword argument 'step_mod'"):
+        methods.make_grad_fn("rate", net, T=4, step_mod="single")
+
+
+def test_keyword_of_another_method_is_ignored():
+    """The trainer passes ``rate_grad_scale`` to every method: BPTT's gradient is the same
+    with it as without."""
+    net, params, stats, batch = tiny_setup("vgg_tiny")
+    programs = [str(jax.make_jaxpr(methods.make_grad_fn("bptt", net, T=2, **kwargs))(
+        params, stats, batch)) for kwargs in ({"rate_grad_scale": "reference"}, {})]
+    assert programs[0] == programs[1]
+
+
+def test_make_grad_fn_documents_every_keyword():
+    for name in methods.METHODS:
+        for keyword in methods.method_keywords(name):
+            assert f"\n    {keyword}:" in methods.make_grad_fn.__doc__, (name, keyword)
+
+
 @pytest.mark.parametrize("batch_fn,error,message", [
     (lambda b: {**b, "label": b["label"][:2]}, ValueError, "label: expected shape"),
     (lambda b: {**b, "label": b["label"].astype(jnp.float32)}, TypeError, "integer dtype"),
