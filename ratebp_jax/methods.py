@@ -512,8 +512,8 @@ def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"make_grad_fn: no method takes the keyword argument "
-                        f"{', '.join(map(repr, unknown))}; the methods take "
-                        f"{', '.join(sorted(known))}")
+                        f"{', '.join(map(repr, unknown))}{checks.closest(unknown[0], known)} "
+                        f"(the methods take {', '.join(sorted(known))})")
     taken = method_keywords(name)
     return METHODS[name](net, **{k: v for k, v in kwargs.items() if k in taken})
 

@@ -288,7 +288,7 @@ def test_unknown_method_lists_allowed_names():
 
 def test_keyword_no_method_takes_is_named_in_a_type_error():
     net, *_ = tiny_setup("vgg_tiny")
-    with pytest.raises(TypeError, match="keyword argument 'step_mod'"):
+    with pytest.raises(TypeError, match="argument 'step_mod'; did you mean 'step_mode'"):
         methods.make_grad_fn("rate", net, T=4, step_mod="single")
 
 
