@@ -65,6 +65,8 @@ def test_two_processes_train_what_one_process_with_four_devices_trains(tmp_path)
     # 3 steps, then a rerun to 5: both processes restore the checkpoint written once.
     first = two_processes(two, 3)
     assert all("final test accuracy" in out for out in first)
+    assert "records in" in first[0] and "records in" not in first[1]  # only process 0 writes
+    assert "process 0 writes the records" in first[1]
     resumed = two_processes(two, 5)
     assert all("resumed from step 3" in out for out in resumed), resumed
     out, _ = single.communicate(timeout=600)

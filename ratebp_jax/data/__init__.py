@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ratebp_jax import checks
 from ratebp_jax.data import arrays, events, tfds_datasets
 from ratebp_jax.data.pipeline import DataWorkerError, Dataset, TrainIterator, train_iterator
 
@@ -31,8 +32,7 @@ LOADERS: dict[str, Callable] = {
 
 def load_dataset(config) -> Dataset:
     """Load ``config.dataset`` (one of LOADERS)."""
-    if config.dataset not in LOADERS:
-        raise ValueError(f"dataset={config.dataset!r}: allowed values are {', '.join(LOADERS)}")
+    checks.check_choice("dataset", config.dataset, LOADERS)
     return LOADERS[config.dataset](config)
 
 
