@@ -168,10 +168,9 @@ def on_leaves(step_fn, treedef):
 
     jit flattens its arguments and unflattens its results at every call. For the NNX
     ``State``s and ``Variable``s of the state that runs Python for every node; for a list
-    of arrays it stays in jit's C++ path. Called in a loop, a step of vgg_tiny at batch 4,
-    T=1 took 501 us on the state and 294 us on its leaves; at batch 64, T=4, 3418 against
-    3194 us (2 CPU cores, docs/RESULTS.md section 12). The trainer carries the leaves and
-    builds the state only to save, evaluate or log it."""
+    of arrays it stays in jit's C++ path, which matters for small steps (docs/RESULTS.md,
+    "The training loop against a bare loop"). The trainer carries the leaves and builds
+    the state only to save, evaluate or log it."""
     def step(leaves, batch):
         state, metrics = step_fn(jax.tree.unflatten(treedef, leaves), batch)
         new_leaves, new_treedef = jax.tree.flatten(state)
@@ -217,11 +216,10 @@ def data_parallel(mesh):
     Each process supplies its own slice of the global batch (multi-host after
     ``jax.distributed.initialize()``; the loaders read only that slice). With one process
     the batch is the global one, and it is transferred by a jitted identity with the
-    batch shardings: jit's C++ argument path moves a host batch onto the devices in about
-    28 us, where ``jax.device_put`` of the same dict takes 230 to 340 us in its Python
-    dispatch (two 64-example digits arrays, 2 CPU cores; docs/RESULTS.md section 12),
-    which the training loop pays every step. One identity is compiled per batch
-    structure (train batches, evaluation batches with their mask).
+    batch shardings: jit's C++ argument path moves a host batch several times faster than
+    ``jax.device_put``'s Python dispatch, which the loop would pay every step
+    (docs/RESULTS.md, "The training loop against a bare loop"). One identity is compiled
+    per batch structure (train batches, evaluation batches with their mask).
     """
     replicated = NamedSharding(mesh, P())
 

@@ -127,11 +127,10 @@ def async_checkpoints() -> bool:
 
     Yes on an accelerator, where the host's cores are free to write while the device
     computes. Not on the CPU backend, whose "device" is those same cores: there the
-    background write competes with the training steps it should overlap (vgg_tiny on 2
-    cores: the epochs after an asynchronous save ran 143 to 179 steps/s, after a synchronous
-    one 176 to 217, and the whole run was no slower; docs/RESULTS.md section 12). Not with
-    several processes either: two managers' asynchronous saves at the same step were seen
-    to deadlock in orbax's cross-process barriers (gloo, CPU)."""
+    background write competes with the training steps it should overlap, and made them
+    slower (docs/RESULTS.md, "The training loop against a bare loop"). Not with several
+    processes either: two managers' asynchronous saves at the same step can deadlock in
+    orbax's cross-process barriers (gloo, CPU)."""
     return jax.process_count() == 1 and jax.default_backend() != "cpu"
 
 

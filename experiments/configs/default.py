@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- data
     c.dataset = "digits"  # digits | npz | cifar10 | cifar100 | imagenet | cifar10_dvs | nmnist
     c.data_dir = ""  # where tfds / tonic data lives (datasets that need one)
-    c.data_path = ""  # the .npz file of dataset=npz
+    c.data_path = ""  # the .npz file of dataset=npz (config.json records its fingerprint)
     c.num_classes = 0  # 0: taken from the dataset
     c.image_size = 0  # 0: the dataset's own (digits 8, CIFAR 32, DVS 48, ImageNet 224)
     # The dataset's training augmentations: CIFAR crop + flip + AutoAugment + Cutout, ImageNet
@@ -60,9 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- bookkeeping
     c.checkpoint_every_steps = 0  # > 0: also checkpoint mid-epoch every this many steps
     c.keep_checkpoints = 2  # latest checkpoints kept (the best one is kept separately)
-    c.progress_bar = True  # tqdm bar with loss, accuracy and images/s
-    c.log_every_steps = 10  # the host reads the steps' metrics (bar, NaN check) this often;
-    # in between the device runs ahead without waiting for Python
+    c.progress_bar = True  # tqdm bar with loss and accuracy; off when output is not a terminal
+    # How often, in steps, the host reads the train metrics back from the devices (for the
+    # progress bar and the non-finite check); in between the devices run ahead of Python.
+    c.log_every_steps = 10
     c.plots = True  # write PNG curves into the workdir
     c.nan_policy = "stop"  # stop | skip: what a non-finite loss or gradient does
     # Every this many steps, compare each method of grad_agreement_methods with BPTT on the
