@@ -25,7 +25,7 @@ import os
 
 import jax
 
-from ratebp_jax import analysis, cli, methods, models
+from ratebp_jax import analysis, cli, methods, models, profiling
 from ratebp_jax.layers import DEFAULT_POOL_TIES, POOL_TIES, STEP_MODES
 
 
@@ -112,18 +112,18 @@ def run(args) -> list[dict]:
 def measure(args, net, params, batch_stats, batch, mode, T) -> list[dict]:
     """Compile inference, every method (and with ``--breakdown`` rate-BP's two passes) at
     one (mode, T), then time them all round robin, so the ratios come from one run."""
-    programs = {"infer": analysis.inference_program(net, params, batch_stats, batch["image"],
-                                                    T=T, step_mode=mode)}
+    programs = {"infer": profiling.inference_program(net, params, batch_stats, batch["image"],
+                                                     T=T, step_mode=mode)}
     for method in args.methods:
-        programs[method] = analysis.step_program(method, net, params, batch_stats, batch,
-                                                 T=T, step_mode=mode)
+        programs[method] = profiling.step_program(method, net, params, batch_stats, batch,
+                                                  T=T, step_mode=mode)
     if args.breakdown and "rate" in args.methods:
-        programs.update(analysis.rate_phase_programs(net, params, batch_stats, batch, T=T,
-                                                     step_mode=mode))
+        programs.update(profiling.rate_phase_programs(net, params, batch_stats, batch, T=T,
+                                                      step_mode=mode))
     compiled, stats = {}, {}
     for name, (fn, fn_args) in programs.items():
-        compiled[name], stats[name] = analysis.compile_with_stats(fn, *fn_args)
-    times = analysis.interleaved_medians(
+        compiled[name], stats[name] = profiling.compile_with_stats(fn, *fn_args)
+    times = profiling.interleaved_medians(
         {name: (compiled[name], fn_args) for name, (_, fn_args) in programs.items()},
         repeats=args.repeats) if args.repeats else {}
     rows = []

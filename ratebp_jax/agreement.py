@@ -55,18 +55,15 @@ def make_agreement_fn(net, method_names, *, T: int, step_mode: str,
     return agreement
 
 
-def _cosine_and_ratio(dot, norm2, norm2_ref) -> dict:
-    """Two zero gradients agree (1, 1); where a figure is undefined (a zero gradient against
-    a non-zero one) or not finite, it is None, which JSON writes as null."""
-    if norm2 == 0 and norm2_ref == 0:
-        return {"cosine": 1.0, "norm_ratio": 1.0}
-    cosine = dot / math.sqrt(norm2 * norm2_ref) if norm2 > 0 and norm2_ref > 0 else None
-    ratio = math.sqrt(norm2 / norm2_ref) if norm2_ref > 0 else None
-    return {"cosine": _finite(cosine), "norm_ratio": _finite(ratio)}
+def _figures(dot, norm2, norm2_ref) -> dict:
+    """``{"cosine", "norm_ratio"}`` of ``analysis.cosine_and_norm_ratio``, with null (None)
+    for NaN, so that the record stays valid JSON."""
+    cosine, ratio = analysis.cosine_and_norm_ratio(dot, norm2, norm2_ref)
+    return {"cosine": _null_for_nan(cosine), "norm_ratio": _null_for_nan(ratio)}
 
 
-def _finite(x):
-    return float(x) if x is not None and math.isfinite(x) else None
+def _null_for_nan(x: float):
+    return None if math.isnan(x) else x
 
 
 def records_from_sums(sums_by_method: dict, layers, param_names, *, step: int, T: int,
@@ -78,10 +75,10 @@ def records_from_sums(sums_by_method: dict, layers, param_names, *, step: int, T
     records = []
     for method, sums in sums_by_method.items():  # in the order the caller listed them
         sums = np.asarray(sums, np.float64)
-        layer_figures = {layer: _cosine_and_ratio(*sums[:, [index[n] for n in names]].sum(1))
+        layer_figures = {layer: _figures(*sums[:, [index[n] for n in names]].sum(1))
                          for layer, names in layers}
         records.append({"step": step, "method": method, "reference": REFERENCE, "T": T,
-                        "step_mode": step_mode, **_cosine_and_ratio(*sums.sum(1)),
+                        "step_mode": step_mode, **_figures(*sums.sum(1)),
                         "layers": layer_figures})
     return records
 

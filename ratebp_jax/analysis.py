@@ -1,9 +1,8 @@
-"""Gradient comparison between methods, and compiled memory and step time of each."""
+"""Gradient comparison between methods: cosine, norm ratio and relative error, per
+parameter and per layer (compiled memory and time: ``profiling.py``)."""
 from __future__ import annotations
 
 import math
-import time
-from typing import Any
 
 import jax
 import jax.extend.core as jex
@@ -21,20 +20,18 @@ def named_leaves(tree) -> list[tuple[str, np.ndarray]]:
             for path, v in nnx.to_flat_state(state)]
 
 
-# Two all-zero gradients are identical: cosine and norm ratio 1. One zero against a non-zero
-# one has no defined cosine: NaN (written as null in JSON).
-def _cosine(a, b):
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    return float(np.dot(a, b) / (na * nb)) if na > 0 and nb > 0 else float("nan")
-
-
-def _norm_ratio(a, b):
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    return float(na / nb) if nb > 0 else float("nan")
+def cosine_and_norm_ratio(dot, norm2, norm2_ref) -> tuple[float, float]:
+    """``(cosine, |g| / |g_ref|)`` of two gradients from ``<g, g_ref>``, ``|g|^2`` and
+    ``|g_ref|^2``. Two zero gradients are identical, ``(1.0, 1.0)``; a figure that is
+    undefined (a zero gradient against a non-zero one) or not finite is NaN."""
+    dot, norm2, norm2_ref = float(dot), float(norm2), float(norm2_ref)
+    if norm2 == 0 and norm2_ref == 0:
+        return 1.0, 1.0
+    nan = float("nan")
+    defined = norm2 > 0 and norm2_ref > 0
+    cosine = dot / (math.sqrt(norm2) * math.sqrt(norm2_ref)) if defined else nan
+    ratio = math.sqrt(norm2 / norm2_ref) if norm2_ref > 0 else nan
+    return tuple(x if math.isfinite(x) else nan for x in (cosine, ratio))
 
 
 # The parity checker's floor (``parity.py``): a parameter's error is measured against at
@@ -43,7 +40,8 @@ REL_ERR_FLOOR = 1e-3
 
 
 def _agreement(g, g_ref) -> dict:
-    return {"cosine": _cosine(g, g_ref), "norm_ratio": _norm_ratio(g, g_ref),
+    cosine, ratio = cosine_and_norm_ratio(np.dot(g, g_ref), np.dot(g, g), np.dot(g_ref, g_ref))
+    return {"cosine": cosine, "norm_ratio": ratio,
             "norm": float(np.linalg.norm(g)), "norm_ref": float(np.linalg.norm(g_ref))}
 
 
@@ -261,103 +259,3 @@ def param_count(params) -> int:
 
 def global_norm(tree) -> float:
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))))
-
-
-# --------------------------------------------------------------------------- profiling
-def compile_with_stats(fn, *args, compiler_options=None) -> tuple[Any, dict]:
-    """Jit-compile ``fn`` for ``args`` with XLA's ``compiler_options`` (``jax.jit``'s);
-    return the executable and XLA's compiled memory statistics (deterministic for a given
-    program and backend) with the compile time."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    return compiled, {"temp_bytes": int(mem.temp_size_in_bytes),
-                      "argument_bytes": int(mem.argument_size_in_bytes),
-                      "output_bytes": int(mem.output_size_in_bytes),
-                      "compile_s": compile_s}
-
-
-def median_time(compiled, *args, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``compiled(*args)`` over ``repeats`` runs after ``warmup``,
-    blocking on the result each time."""
-    return interleaved_medians({"program": (compiled, args)}, repeats, warmup)["program"]
-
-
-def interleaved_medians(programs: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median wall time of each ``name -> (compiled, args)``, run round robin.
-
-    Every round runs each program once, so slow drift of the machine (other jobs, clock
-    changes) touches all of them alike and the ratios between them stay meaningful.
-    """
-    for compiled, args in programs.values():
-        for _ in range(warmup):
-            jax.block_until_ready(compiled(*args))
-    times = {name: [] for name in programs}
-    for _ in range(repeats):
-        for name, (compiled, args) in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def step_program(method: str, net, params, batch_stats, batch, *, T: int, step_mode: str,
-                 **method_kwargs):
-    """``(fn, args)``: one gradient step of ``method`` (see ``methods.METHODS``)."""
-    from ratebp_jax import methods
-    fn = methods.make_grad_fn(method, net, T=T, step_mode=step_mode, **method_kwargs)
-    return fn, (params, batch_stats, batch)
-
-
-def inference_program(net, params, batch_stats, images, *, T: int, step_mode: str):
-    """``(fn, args)``: the spike-mode forward alone, the floor for any training step."""
-    from ratebp_jax import methods
-
-    def infer(params, batch_stats, images):
-        return methods.spike_inference(net, params, batch_stats, images, T=T,
-                                       step_mode=step_mode)[0]
-    return infer, (params, batch_stats, images)
-
-
-def rate_phase_programs(net, params, batch_stats, batch, *, T: int, step_mode: str) -> dict:
-    """The two passes of a rate-BP step as separate programs, to see where its time goes:
-    ``{"spike_pass": (fn, args), "rate_pass": (fn, args)}``. The rate pass (forward and
-    backward) runs on the records of one spike pass, computed here."""
-    from ratebp_jax import methods
-
-    def spike(params, batch_stats, images):
-        return methods.spike_pass(net, params, batch_stats, images, T=T, step_mode=step_mode)
-
-    def rate_grad(params, batch_stats, records, batch):
-        def loss(params):
-            logits = methods.rate_pass(net, params, batch_stats, records,
-                                       methods.time_mean(batch["image"], T), T=T,
-                                       step_mode=step_mode)
-            return methods.cross_entropy(logits, batch["label"])
-        return jax.grad(loss)(params)
-
-    _, new_stats, records = jax.jit(spike)(params, batch_stats, batch["image"])
-    return {"spike_pass": (spike, (params, batch_stats, batch["image"])),
-            "rate_pass": (rate_grad, (params, new_stats, records, batch))}
-
-
-def profile_step(method: str, net, params, batch_stats, batch, *, T: int, step_mode: str,
-                 repeats: int = 5, **method_kwargs) -> dict:
-    """Memory and time of one gradient step of ``method`` (see ``methods.METHODS``):
-    ``{"temp_bytes", "argument_bytes", "output_bytes", "compile_s", "step_s"}``."""
-    fn, args = step_program(method, net, params, batch_stats, batch, T=T,
-                            step_mode=step_mode, **method_kwargs)
-    compiled, stats = compile_with_stats(fn, *args)
-    stats["step_s"] = (median_time(compiled, *args, repeats=repeats)
-                       if repeats else None)  # repeats=0: memory and compile time only
-    return stats
-
-
-def profile_inference(net, params, batch_stats, images, *, T: int, step_mode: str,
-                      repeats: int = 5) -> dict:
-    """Memory and time of the spike-mode forward alone, the floor for any training step."""
-    fn, args = inference_program(net, params, batch_stats, images, T=T, step_mode=step_mode)
-    compiled, stats = compile_with_stats(fn, *args)
-    stats["infer_s"] = median_time(compiled, *args, repeats=repeats) if repeats else None
-    return stats

@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
-from ratebp_jax import analysis, methods, models, neurons  # noqa: E402
+from ratebp_jax import methods, models, neurons, profiling  # noqa: E402
 
 IMAGE_SIZE = 8
 
@@ -142,7 +142,7 @@ def compiled_temp_bytes(fn, *args):
     Buffer assignment is decided on the HLO, before LLVM runs: on resnet18_tiny's rate,
     BPTT and rematerialised BPTT steps in both step modes at T=2 and 16, the figures were
     equal to the byte at levels 0 and 2, and compiling took 0.6-1.1 s against 2.5-3.7 s."""
-    return analysis.compile_with_stats(fn, *args, compiler_options=UNOPTIMISED)[1][
+    return profiling.compile_with_stats(fn, *args, compiler_options=UNOPTIMISED)[1][
         "temp_bytes"]
 
 

@@ -1,6 +1,7 @@
 """Gradient agreement with BPTT: per-parameter floors, layer grouping, logging during training
 (without touching the run, exact at T=1, resumable) and compare_gradients on a trained run."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ratebp_jax import agreement, analysis, methods, models, train
@@ -65,6 +67,22 @@ def test_hidden_summary_leaves_out_the_readout():
     assert h == {"layers": 2, "readout": "fc", "median_cosine": pytest.approx(0.85),
                  "min_cosine": 0.8, "median_norm_ratio": pytest.approx(0.6),
                  "min_norm_ratio": 0.5}
+
+
+def test_undefined_figures_are_nan_in_tables_and_null_in_records():
+    """One function gives both the host tables' figures and the logged records': two zero
+    gradients agree, a zero one against a non-zero one has no cosine (NaN in a table, null
+    in a JSON record)."""
+    assert analysis.cosine_and_norm_ratio(0.0, 0.0, 0.0) == (1.0, 1.0)
+    cosine, ratio = analysis.cosine_and_norm_ratio(0.0, 0.0, 3.0)
+    assert math.isnan(cosine) and ratio == 0.0
+    table = analysis.compare_gradients({"w": jnp.ones(3)}, {"w": jnp.zeros(3)})
+    assert math.isnan(table["cosine"]) and math.isnan(table["norm_ratio"])
+    record, = agreement.records_from_sums({"rate": np.array([[0.0], [3.0], [0.0]])},
+                                          [("w", ["w"])], ["w"], step=0, T=2, step_mode="multi")
+    assert record["cosine"] is None and record["layers"]["w"] == {"cosine": None,
+                                                                   "norm_ratio": None}
+    json.dumps(record, allow_nan=False)  # valid JSON
 
 
 def test_device_sums_give_the_same_figures_as_the_host_comparison():

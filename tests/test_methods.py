@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ratebp_jax import analysis, layers, methods, neurons
+from ratebp_jax import analysis, layers, methods, neurons, profiling
 from ratebp_jax.layers import Ctx
 
 from conftest import (UNOPTIMISED, compiled_temp_bytes, grads_of, grads_of_each, jit_unoptimised,
@@ -178,13 +178,13 @@ def test_rate_pass_convolutions_take_their_value_from_the_spike_pass(tiny_name, 
     (loss, aux), grads = jit_unoptimised(fn)(params, stats, batch)
     n_convbn = sum(isinstance(m, layers.ConvBN) for _, m in nnx.iter_modules(net.merge(
         params, stats)))
-    convolutions = analysis.compile_with_stats(fn, params, stats, batch, compiler_options=
-                                               UNOPTIMISED)[0].as_text().count(" convolution(")
+    convolutions = profiling.compile_with_stats(fn, params, stats, batch, compiler_options=
+                                                UNOPTIMISED)[0].as_text().count(" convolution(")
     with monkeypatch.context() as m:
         m.setattr(layers, "_conv_from_record", lambda conv, x, value: conv(x))
         fn_forward = methods.make_grad_fn("rate", net, **kw)
         (loss_f, _), grads_f = jit_unoptimised(fn_forward)(params, stats, batch)
-        convolutions_f = analysis.compile_with_stats(
+        convolutions_f = profiling.compile_with_stats(
             fn_forward, params, stats, batch, compiler_options=UNOPTIMISED)[0].as_text().count(
             " convolution(")
     assert rel_err(grads, grads_f) <= 1e-5

@@ -33,7 +33,7 @@ HERE = os.path.abspath(__file__)
 
 
 def _median_call_s(fn, repeats: int) -> float:
-    """For the torch side, whose interpreter has no JAX (ours uses ``analysis.median_time``,
+    """For the torch side, whose interpreter has no JAX (ours uses ``profiling.median_time``,
     which times the same way: one warm-up call, then the median of ``repeats``)."""
     fn()  # warm-up
     times = []
@@ -84,13 +84,13 @@ def ours_side(batch: int, T: int, repeats: int) -> dict:
     """Our ResNet-18 spike inference at (batch, T), multi step mode."""
     import jax
 
-    from ratebp_jax import analysis, methods, models
+    from ratebp_jax import analysis, methods, models, profiling
     net, params, stats = methods.split_model(models.create_model("resnet18"))
     images = analysis.random_batch(jax.random.key(0), batch, 32, 3, 10)["image"]
-    fn, args = analysis.inference_program(net, params, stats, images, T=T, step_mode="multi")
+    fn, args = profiling.inference_program(net, params, stats, images, T=T, step_mode="multi")
     compiled = jax.jit(fn).lower(*args).compile()
     return {"jax_version": jax.__version__,
-            "ours_infer_s": analysis.median_time(compiled, *args, repeats=repeats)}
+            "ours_infer_s": profiling.median_time(compiled, *args, repeats=repeats)}
 
 
 def run_side(python: str, side: str, args) -> dict:

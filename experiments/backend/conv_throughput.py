@@ -16,7 +16,7 @@ JAX's ``lax.conv_general_dilated`` and its transposes, for comparison. A shape's
 figure is its total FLOPs over the summed time of its uses. ``peak`` is the GFLOP/s of a
 large float32 matmul measured in the same run, the machine's practical peak; every figure
 also appears as a fraction of it. All programs of one (step mode, layout) are timed round
-robin (``analysis.interleaved_medians``).
+robin (``profiling.interleaved_medians``).
 
 Results: docs/RESULTS.md, "XLA:CPU convolution throughput, ResNet-18 (CIFAR shape)".
 """
@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from ratebp_jax import analysis, cli, convolution, models
+from ratebp_jax import cli, convolution, models, profiling
 from ratebp_jax.layers import STEP_MODES, Ctx
 
 LAYOUTS = ("NHWC", "NCHW")
@@ -145,7 +145,7 @@ def peak_gflops(size: int, repeats: int) -> float:
     rng = np.random.default_rng(1)
     a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
     matmul = jax.jit(jnp.dot)
-    seconds = analysis.interleaved_medians({"matmul": (matmul, (a, b))}, repeats=repeats)
+    seconds = profiling.interleaved_medians({"matmul": (matmul, (a, b))}, repeats=repeats)
     return 2.0 * size ** 3 / seconds["matmul"] / 1e9
 
 
@@ -155,7 +155,7 @@ def measure(shapes, n: int, layout: str, repeats: int) -> list[dict]:
     for i, shape in enumerate(shapes):
         for op, prog in programs(shape, n, layout, rng).items():
             progs[(i, op)] = prog
-    times = analysis.interleaved_medians(progs, repeats=repeats)
+    times = profiling.interleaved_medians(progs, repeats=repeats)
     return [{**shape, "batch": n, "layout": layout, "op": op, "seconds": times[(i, op)],
              "gflop": flops(shape, n) / 1e9,
              "gflops_per_s": flops(shape, n) / times[(i, op)] / 1e9}

@@ -78,19 +78,19 @@ def worker(args) -> dict:
     """In the subprocess: compile and time inference and the rate step under XLA_FLAGS."""
     import jax
 
-    from ratebp_jax import analysis, methods, models
+    from ratebp_jax import analysis, methods, models, profiling
     model = models.create_model(args.model, image_size=args.image_size)
     net, params, batch_stats = methods.split_model(model)
     batch = analysis.random_batch(jax.random.key(0), args.batch, args.image_size, 3, 10)
     programs = {
-        "infer": analysis.inference_program(net, params, batch_stats, batch["image"], T=args.T,
-                                            step_mode=args.step_mode),
-        "rate": analysis.step_program("rate", net, params, batch_stats, batch, T=args.T,
-                                      step_mode=args.step_mode)}
+        "infer": profiling.inference_program(net, params, batch_stats, batch["image"], T=args.T,
+                                             step_mode=args.step_mode),
+        "rate": profiling.step_program("rate", net, params, batch_stats, batch, T=args.T,
+                                       step_mode=args.step_mode)}
     compiled, stats = {}, {}
     for name, (fn, fn_args) in programs.items():
-        compiled[name], stats[name] = analysis.compile_with_stats(fn, *fn_args)
-    times = analysis.interleaved_medians(
+        compiled[name], stats[name] = profiling.compile_with_stats(fn, *fn_args)
+    times = profiling.interleaved_medians(
         {name: (compiled[name], fn_args) for name, (_, fn_args) in programs.items()},
         repeats=args.repeats)
     return {"infer_s": times["infer"], "rate_s": times["rate"],
