@@ -72,6 +72,7 @@ def validate_config(config, *, devices: bool = True) -> None:
                            ("optimizer", OPTIMIZERS), ("nan_policy", NAN_POLICIES)):
         checks.check_choice(field, config[field], allowed)
     models.resolve(config.model)  # a zoo name, or package.module:Factory (imported here)
+    models.check_model_kwargs(config.model, config.model_kwargs)
     for field in ("T", "batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints",
                   "log_every_steps"):
         checks.check_int(field, config[field], 1)
@@ -253,7 +254,7 @@ def create_model(config, image_shape, num_classes) -> nnx.Module:
         config.model, num_classes=config.num_classes or num_classes,
         in_channels=image_shape[-1], image_size=image_shape[0],
         neuron=neuron_config(config), seed=config.seed, compute_dtype=config.compute_dtype,
-        pool_ties=config.pool_ties)
+        pool_ties=config.pool_ties, model_kwargs=config.model_kwargs)
 
 
 def create_state(config, image_shape, num_classes, tx, model=None):

@@ -40,6 +40,17 @@ CASES = [
     (["--config.model=ratebp_jax.layers:BatchNorm"],
      "model='ratebp_jax.layers:BatchNorm': does not take the model keywords"),
     (["--config.model=mypkg/my_snn.py:MySNN"], "must be package.module:Factory"),
+    # the factory's own arguments
+    (["--config.model=examples.my_snn:MySNN", "--config.model_kwargs={'widht': 8}"],
+     "model_kwargs={'widht': 8}: model 'examples.my_snn:MySNN' takes no argument 'widht'; "
+     "allowed values are width; did you mean 'width'?"),
+    (["--config.model_kwargs={'depth': 3}"],
+     "model 'vgg_small' takes no argument 'depth'; allowed values are spec, hidden"),
+    (["--config.model_kwargs=8"], "--config.model_kwargs=8: Failed to parse '8'"),
+    (["--config.model_kwargs={'num_classes': 3}"],
+     "'num_classes' is one of the model keywords"),
+    (["--config.model=examples.my_snn:MySNN", "--config.model_kwargs={'width': 'x'}"],
+     "model_kwargs={'width': 'x'}: model 'examples.my_snn:MySNN' cannot be built with them"),
     (["--config.lam=1.5"], "lam=1.5: must be a finite number in [0.0, 1.0)"),
     (["--config.thresh=-1"], "thresh=-1.0: must be a finite number > 0.0"),
     (["--config.thresh=inf"], "thresh=inf: must be a finite number > 0.0"),

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from ratebp_jax import analysis, methods, models, neurons
 from ratebp_jax import workdir as wd
@@ -53,7 +54,8 @@ def test_own_model_rate_pass_logits_equal_spike_pass_time_mean_at_T4(step_mode):
 def test_main_trains_own_model_from_the_working_directory(tmp_path):
     """As a researcher would: their package in their folder, main.py from elsewhere."""
     shutil.copytree(os.path.join(ROOT, "examples"), tmp_path / "mypkg")
-    args = ["--config.model=mypkg.my_snn:MySNN", "--config.num_train_steps=2",
+    args = ["--config.model=mypkg.my_snn:MySNN", "--config.model_kwargs={'width': 8}",
+            "--config.num_train_steps=2",
             "--config.T=2", "--config.batch_size=16", "--config.progress_bar=false",
             "--config.plots=false", "--workdir", "run"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "main.py"), *args],
@@ -65,13 +67,47 @@ def test_main_trains_own_model_from_the_working_directory(tmp_path):
     assert 0.0 <= summary["final_test_accuracy"] <= 1.0
     recorded = json.loads((tmp_path / "run" / wd.CONFIG_FILE).read_text())
     assert recorded["model"] == "mypkg.my_snn:MySNN"
-    # The recorded import path is compared on a rerun like any other field.
+    assert recorded["model_kwargs"] == {"width": 8}
+    # The recorded import path and arguments are compared on a rerun like any other field.
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from configs import default
     config = default.get_config()
     config.update({**recorded, "model": "vgg_tiny"})
     with pytest.raises(wd.RunMismatch, match="model 'mypkg.my_snn:MySNN' -> 'vgg_tiny'"):
         wd.check_same_run(str(tmp_path / "run"), config)
+    config.update({**recorded, "model_kwargs": {"width": 4}})
+    with pytest.raises(wd.RunMismatch, match="model_kwargs {'width': 8} -> {'width': 4}"):
+        wd.check_same_run(str(tmp_path / "run"), config)
+
+
+def test_model_kwargs_reach_own_and_zoo_factories():
+    own = nnx.eval_shape(lambda: models.create_model(
+        EXAMPLE, num_classes=3, in_channels=1, image_size=8, model_kwargs={"width": 6}))
+    assert own.conv.kernel.shape == (3, 3, 1, 6) and own.fc.kernel.shape == (6 * 16, 3)
+    # A zoo alias's bound arguments (a functools.partial) may be given again.
+    zoo = nnx.eval_shape(lambda: models.create_model(
+        "vgg_tiny", num_classes=3, in_channels=1, image_size=8,
+        model_kwargs={"spec": [4, "A", 6, "AA"], "hidden": [5]}))
+    assert zoo.features[2].conv.kernel.shape == (3, 3, 4, 6)
+    assert [d.kernel.shape for d in zoo.classifier] == [(6, 5), (5, 3)]
+    assert models.model_keywords(EXAMPLE) == ("width",)
+    assert models.model_keywords("vgg_tiny") == ("spec", "hidden")
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    (EXAMPLE, {"widht": 8}, "model 'examples.my_snn:MySNN' takes no argument 'widht'; "
+                            "allowed values are width; did you mean 'width'?"),
+    ("resnet18_tiny", {"depth": 2}, "allowed values are stage_sizes, widths, "),
+    (EXAMPLE, {"rngs": 1}, "'rngs' is one of the model keywords"),
+    (EXAMPLE, {"width": {8}}, "'width' has a value of type set"),
+    (EXAMPLE, {"width": float("nan")}, "'width' has a value of type float"),
+    (EXAMPLE, [("width", 8)], "must be a dict of keyword arguments"),
+])
+def test_bad_model_kwargs_are_named_in_one_line(name, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        models.check_model_kwargs(name, kwargs)
+    text = str(info.value)
+    assert text.startswith("model_kwargs=") and message in text and "\n" not in text
 
 
 @pytest.mark.parametrize("name,error,message", [

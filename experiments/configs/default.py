@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- model and neurons
     c.model = "vgg_small"  # a name in ratebp_jax.models.MODELS, or your own: package.module:Factory
+    # The factory's own further arguments, e.g. --config.model_kwargs="{'width': 8}" (a
+    # Python dict literal); checked against its signature (models.check_model_kwargs)
+    c.model_kwargs = {}
     c.lam = 0.2  # LIF leak, 1 - 1/tau, in [0, 1)
     c.thresh = 1.0  # firing threshold, > 0
     c.reset = "soft"  # soft | soft_nodetach | hard | hard_detach

@@ -13,12 +13,18 @@ A model outside the zoo is named by its import path, ``"package.module:Factory"`
 (:func:`resolve`; this is what ``--config.model`` of ``experiments/main.py`` takes), or
 registered under a name of its own with :func:`register` (from a notebook). Its layers must
 follow the layer contract of ``docs/DESIGN.md`` section 4.
+
+A factory's further keyword arguments (those with defaults, such as a zoo alias's
+``widths`` or ``examples/my_snn.py``'s ``width``) are set by ``model_kwargs``
+(``--config.model_kwargs="{'width': 8}"``), checked against its signature by
+:func:`check_model_kwargs` before anything is built.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
+import math
 from typing import Callable
 
 import jax
@@ -116,34 +122,110 @@ def resolve(name: str) -> Callable[..., nnx.Module]:
     return factory
 
 
-def _check_factory(name: str, factory) -> None:
-    """A factory must be callable with the keyword arguments every model gets; checked on
-    its signature, so a mismatch is named before any run starts."""
+def factory_signature(factory) -> inspect.Signature | None:
+    """The signature a call of ``factory`` binds to, or None where there is none to read
+    (a builtin). An NNX module class reports its metaclass's ``(*args, **kwargs)``, so a
+    class is read through its ``__init__`` (without ``self``), and a ``functools.partial``
+    (the zoo's size aliases) through what it wraps, its bound keywords as defaults."""
+    args, keywords = (), {}
+    while isinstance(factory, functools.partial):
+        args, keywords = factory.args + args, {**factory.keywords, **keywords}
+        factory = factory.func
+    if inspect.isclass(factory):
+        factory, args = factory.__init__, (None, *args)
+    try:
+        return inspect.signature(functools.partial(factory, *args, **keywords))
+    except (TypeError, ValueError):
+        return None
+
+
+def model_keywords(name: str) -> tuple[str, ...] | None:
+    """The keyword arguments model ``name``'s factory takes beyond :data:`FACTORY_KWARGS`
+    (what ``model_kwargs`` may set), in signature order; None when it takes any
+    (``**kwargs``) or its signature cannot be read."""
+    signature = factory_signature(resolve(name))
+    if signature is None or any(p.kind is p.VAR_KEYWORD
+                                for p in signature.parameters.values()):
+        return None
+    return tuple(k for k, p in signature.parameters.items()
+                 if k not in FACTORY_KWARGS and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                           p.KEYWORD_ONLY))
+
+
+def check_model_kwargs(name: str, model_kwargs) -> dict:
+    """``model_kwargs`` (a dict, or a ConfigDict) as a plain dict, checked against model
+    ``name``'s factory before anything is built: string keys it takes (not one of
+    :data:`FACTORY_KWARGS`, which the trainer sets), and values that a JSON record keeps
+    (numbers, strings, booleans, None, lists, tuples and dicts of them). Raises
+    ValueError naming the argument and the allowed names."""
+    kwargs = model_kwargs.to_dict() if hasattr(model_kwargs, "to_dict") else model_kwargs
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"model_kwargs={model_kwargs!r}: must be a dict of keyword "
+                         f"arguments, e.g. \"{{'width': 8}}\"")
+    allowed = model_keywords(name)
+    for key, value in kwargs.items():
+        if key in FACTORY_KWARGS:
+            raise ValueError(f"model_kwargs={kwargs!r}: {key!r} is one of the model keywords "
+                             f"({', '.join(FACTORY_KWARGS)}), which the trainer sets from "
+                             f"the config")
+        if allowed is not None and key not in allowed:
+            names = (checks.allowed_values(allowed) if allowed
+                     else "it takes no keyword arguments beyond the model keywords")
+            raise ValueError(f"model_kwargs={kwargs!r}: model {name!r} takes no argument "
+                             f"{key!r}; {names}{checks.closest(str(key), allowed)}")
+        if not _json_value(value):
+            raise ValueError(f"model_kwargs={kwargs!r}: {key!r} has a value of type "
+                             f"{type(value).__name__}; allowed are numbers, strings, "
+                             f"booleans, None, and lists, tuples and dicts of them")
+    _check_factory(name, resolve(name), kwargs)
+    return kwargs
+
+
+def _json_value(value) -> bool:
+    """Whether ``value`` is kept by config.json (tuples come back as lists)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(map(_json_value, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_value(v) for k, v in value.items())
+    return False
+
+
+def _check_factory(name: str, factory, model_kwargs=None) -> None:
+    """A factory must be callable with the keyword arguments every model gets (any
+    further arguments have defaults), and with ``model_kwargs`` added; checked on its
+    signature, so a mismatch is named before any run starts."""
     expects = f"a class or function taking {', '.join(FACTORY_KWARGS)}"
     if not callable(factory):
         raise TypeError(f"model={name!r}: not callable (a {type(factory).__name__}); "
                         f"expected {expects}")
-    # An NNX module class reports its metaclass's (*args, **kwargs): read __init__ instead,
-    # with None standing for self.
-    target, args = (factory.__init__, (None,)) if inspect.isclass(factory) else (factory, ())
-    try:
-        signature = inspect.signature(target)
-    except (TypeError, ValueError):  # no signature to read (a builtin): the call will tell
+    signature = factory_signature(factory)
+    if signature is None:  # no signature to read: the call will tell
         return
     try:
-        signature.bind(*args, **dict.fromkeys(FACTORY_KWARGS))
+        signature.bind(**dict.fromkeys(FACTORY_KWARGS))
     except TypeError as e:
         raise ValueError(f"model={name!r}: does not take the model keywords ({e}); "
                          f"expected {expects}") from e
+    if model_kwargs is not None:
+        try:
+            signature.bind(**dict.fromkeys(FACTORY_KWARGS), **model_kwargs)
+        except TypeError as e:
+            raise ValueError(f"model_kwargs={model_kwargs!r}: model {name!r} cannot be "
+                             f"called with them and the model keywords ({e})") from e
 
 
 def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
                  image_size: int = 32, neuron: NeuronConfig = NeuronConfig(),
                  seed: int = 0, compute_dtype: str = "float32",
-                 pool_ties: str = DEFAULT_POOL_TIES) -> nnx.Module:
+                 pool_ties: str = DEFAULT_POOL_TIES,
+                 model_kwargs: dict | None = None) -> nnx.Module:
     """Build model ``name`` (see :func:`resolve`) with weights drawn from ``seed``, its
     convolutions and dense layers computing in ``compute_dtype`` (:func:`set_compute_dtype`)
     and its max pooling breaking ties by ``pool_ties`` (:func:`set_pool_ties`).
+    ``model_kwargs`` are the factory's own further arguments (:func:`check_model_kwargs`),
+    such as a zoo alias's ``widths`` or ``examples/my_snn.py``'s ``width``.
 
     The weights are drawn with JAX's non-partitionable threefry: XLA:CPU compiles each
     initialiser's partitionable threefry in 3 to 10 s (0.4 to 0.8 s otherwise), so this
@@ -155,12 +237,13 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
     values while it builds (a ``ConcretizationTypeError`` under the trace) runs eagerly.
     """
     factory = resolve(name)
+    kwargs = check_model_kwargs(name, model_kwargs or {})
     _check_compute_dtype(compute_dtype)
     check_pool_ties(pool_ties)
 
     def build():
         model = factory(num_classes=num_classes, in_channels=in_channels,
-                        image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed))
+                        image_size=image_size, neuron=neuron, rngs=nnx.Rngs(seed), **kwargs)
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model={name!r}: the factory returned a "
                             f"{type(model).__name__}, not an nnx.Module")
@@ -168,9 +251,16 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
 
     with jax.threefry_partitionable(False):
         try:
-            model = nnx.jit(build)()
-        except jax.errors.ConcretizationTypeError:  # a factory that needs concrete values
-            model = build()
+            try:
+                model = nnx.jit(build)()
+            except jax.errors.ConcretizationTypeError:  # a factory that needs concrete values
+                model = build()
+        except (TypeError, ValueError) as e:
+            if not kwargs:
+                raise
+            # A value the signature accepts but the factory cannot use (a width of "8").
+            raise ValueError(f"model_kwargs={kwargs!r}: model {name!r} cannot be built with "
+                             f"them ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     return set_pool_ties(set_compute_dtype(model, compute_dtype), pool_ties)
 
 
