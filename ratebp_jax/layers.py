@@ -1,21 +1,7 @@
-"""NNX layers that know the three ways a spiking network is run.
+"""NNX layers that know the phase a spiking network is run in (docs/DESIGN.md section 3).
 
-Every model's ``__call__(x, ctx)`` threads a :class:`Ctx` down to its LIF and BatchNorm
-layers; all other layers (conv, dense, pooling, residual adds) act the same in every phase,
-which is what makes one model definition serve BPTT, rate-BP and evaluation.
-
-* ``phase="spike"``: the real SNN. In ``multi`` step mode the time axis is folded into the
-  batch (``[T*B, ...]``) and each LIF scans over T; in ``single`` step mode the model is
-  one time step and the caller scans it, with the LIF membranes as :class:`Membrane`
-  variables. With ``record=True`` LIFs record rate and eligibility and BatchNorms their
-  batch statistics, as :class:`Record` variables, for the rate pass.
-* ``phase="rate"``: one pass on time-averaged input using those records.
-
-Mixed precision: convolutions and dense layers may compute in bfloat16
-(``models.create_model(..., compute_dtype="bfloat16")``); LIF and BatchNorm layers compute
-in float32 (:func:`at_least_float32`), so neuron state, eligibilities, records and
-BatchNorm statistics stay float32. BatchNorm returns float32; a LIF returns its spikes in
-the compute dtype (:class:`LIF`).
+A model passes a :class:`Ctx` down to its LIF, BatchNorm and MaxPool layers; every other
+layer acts the same in every phase, so one model definition serves every method.
 """
 from __future__ import annotations
 
@@ -44,19 +30,8 @@ class Membrane(nnx.Variable):
 
 @dataclasses.dataclass(frozen=True)
 class Ctx:
-    """How to run the network this call. Static (hashable), never traced.
-
-    phase: "spike" or "rate".
-    step_mode: "multi" (input ``[T*B, ...]``) or "single" (input ``[B, ...]``, one step).
-    T: number of time steps.
-    train: BatchNorm uses batch statistics and updates its running statistics.
-    record: the spike pass records what the rate pass needs (with ``train=False``, only
-      the firing rates, for monitoring).
-    remat: recompute the internals of each unit (multi: see :func:`call_unit`) or of each
-      time step (single) in the backward pass instead of storing them (rematerialised BPTT).
-    temporal_grad: False stops the gradient through each LIF's membrane carry between
-      time steps, leaving only the spatial path of every step (SLTT, OTTT).
-    """
+    """How to run the network this call; static (hashable), never traced. The fields are
+    described in docs/DESIGN.md section 3."""
 
     phase: str = "spike"
     step_mode: str = "multi"
@@ -73,22 +48,17 @@ class Ctx:
 
 
 def _placeholder():
-    # Records and membranes take their real shape on first use; a scalar zero broadcasts.
+    """Records and membranes take their real shape on first use; a scalar zero broadcasts."""
     return jnp.zeros((), jnp.float32)
 
 
 def at_least_float32(x):
-    """``x`` in float32 (a wider float, as in the float64 parity runs, is kept); for a
-    float32 ``x`` this is no operation at all, so float32 programs are unchanged.
+    """``x`` in float32, or in its own wider float (float64); a no-op on float32.
 
-    Why the neurons and BatchNorm never compute in bfloat16: bfloat16 keeps 8 significant
-    bits (unit roundoff 2^-8). A membrane ``v_t = lam * v_{t-1} + x_t`` rounded to that at
-    every step accumulates the rounding over T steps, and many membranes would land exactly
-    on the threshold (ties) or on the wrong side of it, flipping spikes; the eligibilities
-    and the rate-pass records are running means over T that would lose precision the same
-    way. BatchNorm's statistics are means over T*B*H*W values, and its normalisation
-    divides by a standard deviation that small rounding of ``var`` moves. Spikes (0 or 1)
-    are exact in bfloat16, so a LIF returning them in bfloat16 loses nothing.
+    Neurons and BatchNorm never compute in bfloat16: membranes, eligibilities and records
+    are running sums over T, and BatchNorm's statistics means over T*B*H*W values, whose
+    rounding to 8 significant bits would move spikes across the threshold. Spikes (0 or 1)
+    are exact in bfloat16.
     """
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -102,20 +72,11 @@ def _accumulate(var: nnx.Variable, value, ctx: Ctx):
 
 
 class LIF(nnx.Module):
-    """Leaky integrate-and-fire layer (see ``neurons.py``).
+    """Leaky integrate-and-fire layer (``neurons.py``), computing in float32.
 
-    Computes in float32 whatever the dtype of its input (see :func:`at_least_float32`):
-    membranes, eligibilities and records are float32. Returns its spikes (rates, in the
-    rate pass) in ``spike_dtype``, float32 when None; ``models.set_compute_dtype`` sets it
-    to the compute dtype. Spikes are exact in bfloat16, and the next convolution would cast
-    them to it anyway; returned in float32, every spike train would be kept twice, in
-    float32 and as that convolution's bfloat16 copy (ResNet-18, batch 64, T=4, XLA:CPU: a
-    bfloat16 rate step then took 58 MiB more than float32's instead of 26). Since the LIF
-    loops write their float32 spikes over their input (``neurons.lif_forward``), the
-    float32 copy costs no extra buffer on XLA:CPU: the same step now takes 777.4 MiB with
-    bfloat16 spikes, 769.4 with float32 ones, and 749.1 in float32 (not measured on a GPU,
-    where the bfloat16 convolutions are real). The rate pass's rates are rounded to it
-    likewise, as the next convolution would round them.
+    Returns its spikes (rates, in the rate pass) in ``spike_dtype`` (None: float32), which
+    ``models.set_compute_dtype`` sets, so that no spike train is kept both in float32 and
+    as the next convolution's cast (docs/RESULTS.md, "Mixed precision (bfloat16)").
     """
 
     def __init__(self, cfg: neurons.NeuronConfig, spike_dtype=None):
@@ -133,7 +94,7 @@ class LIF(nnx.Module):
     def _fire(self, x, ctx: Ctx):
         if ctx.phase == "rate":
             return ratebp.rate_lif(x, self.rate.get_value(), self.elig.get_value())
-        monitor_only = ctx.record and not ctx.train  # evaluation: firing rates, no eligibility
+        monitor_only = ctx.record and not ctx.train  # firing rates only, no eligibility
         if ctx.step_mode == "multi":
             x_TxN = x.reshape((ctx.T, -1) + x.shape[1:])
             if not ctx.train:  # evaluation
@@ -167,14 +128,9 @@ class LIF(nnx.Module):
 
 
 class BatchNorm(nnx.Module):
-    """BatchNorm over all axes but the last (channels), with the reference's conventions.
-
-    eps 1e-5; running statistics follow PyTorch: momentum 0.1 and the unbiased batch
-    variance, updated only by the spike pass (in single step mode once per time step).
-    Written by hand because the rate pass needs values from one set of statistics and
-    gradients through another, which ``nnx.BatchNorm`` cannot express. Statistics and
-    normalisation are float32 whatever the dtype of the input (see :func:`at_least_float32`).
-    """
+    """BatchNorm over all axes but the channels, in float32, with PyTorch's conventions.
+    Not ``nnx.BatchNorm``: the rate pass takes its value from one set of statistics and its
+    gradient through another (docs/DESIGN.md section 2.3)."""
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1):
         self.eps = eps
@@ -196,10 +152,7 @@ class BatchNorm(nnx.Module):
             mean = ratebp.straight_through(self.spike_mean.get_value(), rate_mean)
             var = ratebp.straight_through(self.spike_var.get_value(), rate_var)
             y = self._normalize(x, mean, var)
-            if ctx.step_mode == "single":
-                # Per-step normalisation is not affine over time, so the average-stat output
-                # above is not the time mean of the spike pass's outputs. Take the recorded
-                # mean as the value (exact) and keep the gradient of the line above.
+            if ctx.step_mode == "single":  # per-step statistics: docs/DESIGN.md section 5.2
                 y = ratebp.straight_through(self.out_mean.get_value(), y)
             return y
         if ctx.train:
@@ -221,9 +174,8 @@ class BatchNorm(nnx.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
 
     def _update_running(self, mean, var, n: int):
-        # set_value replaces the whole value. Writing ``self.mean[...] = new`` under a trace
-        # is an indexed update (``.at[...].set``): the same values, but a scatter traced for
-        # every BatchNorm call, 17% of a tiny SEW-ResNet's gradient trace.
+        # set_value, not ``self.mean[...] = new``, which traces a scatter per call
+        # (docs/RESULTS.md, "The test suite's time").
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         self.mean.set_value((1 - m) * self.mean.get_value() + m * mean)
@@ -238,7 +190,7 @@ def _moments(x, axes):
 
 
 # --------------------------------------------------------------------------- initialisers
-# The reference models use three schemes; these reproduce them in HWIO / [in, out] layout.
+# The reference models' three schemes, in HWIO / [in, out] layout.
 TORCH_DEFAULT = "torch_default"  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)), bias alike
 KAIMING_FAN_OUT = "kaiming_fan_out"  # kaiming_normal(fan_out, relu); bias torch default
 NORMAL_05 = "normal_0.5"  # N(0, 0.5^2) weights, zero bias (the reference VGGs)
@@ -267,9 +219,9 @@ def _initializers(init: str, fan_in: int):
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, bias: bool, init: str,
          rngs: nnx.Rngs) -> nnx.Conv:
-    """A PyTorch-style convolution: symmetric padding ``kernel // 2`` (not 'SAME', which
-    pads stride-2 convolutions asymmetrically and would break weight compatibility), with
-    the loop-friendly kernel gradient of ``convolution.py``."""
+    """A PyTorch-style convolution: symmetric padding ``kernel // 2`` ('SAME' pads stride 2
+    asymmetrically, which PyTorch's weights would not fit), with ``convolution.py``'s
+    kernel gradient."""
     kernel_init, bias_init = _initializers(init, in_ch * kernel * kernel)
     pad = kernel // 2
     return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride,
@@ -287,15 +239,10 @@ def dense(in_features: int, out_features: int, *, init: str, rngs: nnx.Rngs) -> 
 class ConvBN(nnx.Module):
     """conv -> BatchNorm, the unit every model family is built from.
 
-    The spike pass (``ctx.record`` in training) records the time mean of the convolution's
-    output, and the rate pass takes that record as the convolution's value and runs only
-    its backward pass (``ratebp.recorded_value``). The convolution is linear, so the time
-    mean of its spike-pass outputs is its output on the rate pass's input, the time mean
-    of its spike-pass inputs (docs/DESIGN.md section 2.3): the same value up to float
-    rounding, for one read of the outputs instead of a convolution. The rate pass then
-    has two convolutions per layer instead of three (ResNet-18, batch 16, T=8, 2 CPU cores:
-    rate pass 0.49-0.51 -> 0.36 s, whole step 1.74-1.75 -> 1.55-1.59 s; docs/RESULTS.md
-    section 10). At T = 1 the record is the output itself, bit for bit.
+    The rate pass takes the convolution's value from the spike pass's time-mean record
+    and runs only its backward pass: a convolution fewer per layer (docs/DESIGN.md
+    section 2.3; docs/RESULTS.md, "The rate pass takes its convolutions' values from the
+    spike pass").
     """
 
     def __init__(self, in_ch, out_ch, kernel, *, stride=1, bias=False, init=TORCH_DEFAULT,
@@ -310,16 +257,13 @@ class ConvBN(nnx.Module):
         else:
             y = self.conv(x)
             if ctx.record and ctx.train:
-                # Float32 also keeps, at T = 1, the value the BatchNorm reads, which XLA may
-                # not have rounded to a bfloat16 convolution's dtype.
                 _record_time_mean(self.out_mean, y, ctx)
         return self.bn(y, ctx)
 
 
 def _record_time_mean(var: Record, y, ctx: Ctx):
-    """Record the time mean of the spike-pass output ``y``, in float32 (see
-    :func:`at_least_float32`): multi mode sets it from all T steps of ``[T*B, ...]``,
-    single mode adds this step's share (:func:`_accumulate`)."""
+    """Record the time mean of the spike-pass output ``y`` in float32, the precision the
+    BatchNorm reads it in (docs/DESIGN.md section 2.3)."""
     y = at_least_float32(jax.lax.stop_gradient(y))
     if ctx.step_mode == "multi":
         y = neurons.time_mean(y.reshape((ctx.T, -1) + y.shape[1:]))
@@ -351,8 +295,8 @@ def global_avg_pool(x_NxHxWxC):
 
 
 def adaptive_avg_pool(x_NxHxWxC, out_size: int):
-    """PyTorch's AdaptiveAvgPool2d: window i spans [floor(i*H/o), ceil((i+1)*H/o)), which
-    overlap when H is not a multiple of o (e.g. 4 -> 3 averages windows [0:2], [1:3], [2:4])."""
+    """PyTorch's AdaptiveAvgPool2d: window i spans [floor(i*H/o), ceil((i+1)*H/o)), so
+    windows overlap when H is not a multiple of o."""
     def pool_axis(x, axis):
         n = x.shape[axis]
         slices = [jnp.take(x, jnp.arange(i * n // out_size, -(-(i + 1) * n // out_size)),
@@ -362,26 +306,12 @@ def adaptive_avg_pool(x_NxHxWxC, out_size: int):
 
 
 # --------------------------------------------------------------------------- max pooling
-# Max pooling is not differentiable where a window holds several equal maxima, and in a
-# spiking network most windows do: spikes are 0 or 1 (a window of silent neurons ties all
-# its entries at 0) and rates are multiples of 1/T. Which subgradient such a window takes
-# is a choice, POOL_TIES:
-#
-# * "split": the window's gradient is shared equally among its tied maxima. This is the
-#   minimum-norm element of max's (Clarke) subdifferential, the average of the one-hot
-#   subgradients, and the rule of jax.numpy's own max (jnp.max splits ties alike). It
-#   prefers no position of the window.
-# * "first": the whole gradient goes to the first maximum in row-major window order. This
-#   is XLA's select-and-scatter (the gradient of lax.reduce_window max) and PyTorch's
-#   MaxPool2d, so it is the reference code's rule in its spike pass. Its rate pass breaks
-#   the same ties by rounding noise (its LIF value is ``r + x*e - (x*e)``, not exactly r);
-#   evaluated exactly (float64), its gradients equal ours under "first" to 6e-8
-#   (SEW-ResNet-34), so "first" is the rule for parity and the reproduction configs. It
-#   prefers the top-left neuron of every window.
-#
-# Padding is -inf: it is never a maximum and never receives gradient.
+# Spikes and rates tie often, so the gradient of a window with several maxima is a choice
+# (docs/DESIGN.md section 5.1): "split" shares it equally among them (the minimum-norm
+# subgradient, jnp.max's rule), "first" gives it to the first (XLA's and PyTorch's, so the
+# reference's). Padding is -inf: never a maximum, never given gradient.
 POOL_TIES = ("split", "first")
-DEFAULT_POOL_TIES = "split"  # chosen by experiments/pool_ties.py (README, docs/RESULTS.md)
+DEFAULT_POOL_TIES = "split"  # docs/RESULTS.md, "Max-pool tie rule"
 
 
 def check_pool_ties(ties: str) -> str:
@@ -389,10 +319,8 @@ def check_pool_ties(ties: str) -> str:
 
 
 def max_pool(x_NxHxWxC, ties: str, *, window: int = 3, stride: int = 2, padding: int = 1):
-    """Max pooling over square ``window``s with ``stride`` and -inf ``padding`` on both
-    sides; returns ``[N, Ho, Wo, C]`` in the dtype of ``x``, ``Ho = (H + 2 padding -
-    window) // stride + 1``. ``ties`` (:data:`POOL_TIES`) is the gradient rule of a window
-    with several maxima; the value is the same under both rules."""
+    """``[N, Ho, Wo, C]``: max pooling with -inf ``padding`` on both sides; ``ties``
+    (:data:`POOL_TIES`) changes the gradient only."""
     if check_pool_ties(ties) == "first":
         return _reduce_max(x_NxHxWxC, window, stride, padding)
     return _max_pool_split(x_NxHxWxC, window, stride, padding)
@@ -404,9 +332,8 @@ def _reduce_max(x, window, stride, padding):
 
 
 def _windows(x_NxHxWxC, fill, window, stride, padding):
-    """``[window**2, N, Ho, Wo, C]``: entry ``k = window * di + dj`` holds, for every
-    output position, the element at offset ``(di, dj)`` of its window in ``x`` padded with
-    ``fill``. Linear in ``x``, so its transpose scatters window entries back onto ``x``."""
+    """``[window**2, N, Ho, Wo, C]``: entry ``window * di + dj`` is each window's element at
+    offset ``(di, dj)``. Linear, so its transpose scatters window entries back onto ``x``."""
     x = jnp.pad(x_NxHxWxC, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                 constant_values=fill)
     n, h, w, c = x.shape
@@ -429,9 +356,7 @@ def _max_pool_split_fwd(x, window, stride, padding):
 
 def _max_pool_split_bwd(window, stride, padding, residuals, g):
     """Each window's cotangent divided by its number of tied maxima, added onto each of
-    them. Computed in float32 (or the wider dtype of ``x``) and rounded once: under mixed
-    precision ``x`` and ``g`` are bfloat16, where a third of a cotangent and the sum of
-    the up to four overlapping windows' shares would each round."""
+    them; in float32, so that a bfloat16 cotangent is rounded once, not per share."""
     x, y = residuals
     x_wide = at_least_float32(x)
     entries, scatter = jax.vjp(lambda x: _windows(x, -jnp.inf, window, stride, padding),
@@ -449,18 +374,9 @@ _max_pool_split.defvjp(_max_pool_split_fwd, _max_pool_split_bwd)
 class MaxPool(nnx.Module):
     """The ImageNet stem's MaxPool2d(3, stride 2, padding 1), made rate-pass aware.
 
-    Max pooling is not linear, so the max of the rates is not the rate of the max. The
-    spike pass records the time mean of the pooled spikes; the rate pass takes that as its
-    value (so everything downstream sees the true time means) and routes the gradient to
-    each window's largest rate, as the reference does. The gradient is the approximation;
-    the value is exact. The reference instead uses the max of rates as the value too.
-    ``ties`` (:data:`POOL_TIES`, set by ``models.create_model(pool_ties=...)``) is the
-    gradient rule of a window with several maxima, the same in every phase, so that at
-    T=1 rate-BP still equals BPTT.
-
-    The record is float32; the rate pass returns the dtype of its input, as the spike pass
-    does (bfloat16 spikes under mixed precision), so that both passes send the same dtypes
-    downstream and their gradients are rounded alike.
+    The rate pass takes the spike pass's time-mean record as its value and routes the
+    gradient to each window's largest rate (docs/DESIGN.md section 5.1). Both passes
+    return the input's dtype, so that their gradients are rounded alike.
     """
 
     def __init__(self, ties: str = DEFAULT_POOL_TIES):
@@ -498,12 +414,8 @@ def run_stages(stages, x, ctx: Ctx):
 
 def call_unit(node, x, ctx: Ctx, fn=None):
     """``fn(node, x, ctx)`` (default ``node(x, ctx)``) for a module or a tuple of modules;
-    under ``ctx.remat`` in multi step mode, rematerialised as one unit.
-
-    In multi step mode every layer's input is a ``[T*B, ...]`` tensor that BPTT keeps for
-    its backward pass. A rematerialised unit (a residual block, a conv-BN-LIF layer) keeps
-    only its input and recomputes its internals when its own backward pass runs.
-    """
+    under ``ctx.remat`` in multi step mode, a unit that keeps only its input for the
+    backward pass and recomputes the rest there."""
     fn = fn or (lambda node, x, ctx: node(x, ctx))
     if not (ctx.remat and ctx.step_mode == "multi"):
         return fn(node, x, ctx)
@@ -528,14 +440,12 @@ def conv_then_lif(pair, x, ctx: Ctx):
 
 def _remat_after_cotangent(pure):
     """``pure(params, x, state) -> (y, new_state)`` keeping only its inputs for the backward
-    pass, which recomputes ``y`` once ``y``'s cotangent exists.
+    pass, which recomputes ``y`` once ``y``'s cotangent exists; ``new_state`` gets no
+    gradient.
 
-    Written by hand instead of ``jax.checkpoint`` because XLA:CPU drops the optimisation
-    barriers ``jax.checkpoint`` relies on and schedules the recomputation early, alongside
-    the forward pass, so nothing is saved (ResNet-18, T=8: 1761 MiB with or without it).
-    Here the recomputation's input depends on the cotangent (``x + 0 * g[0]``), a data
-    dependency no scheduler can hoist. ``new_state`` (BatchNorm running statistics) gets
-    no gradient.
+    Not ``jax.checkpoint``: XLA:CPU drops its optimisation barriers and recomputes early,
+    saving nothing (docs/RESULTS.md, "Memory and time against T"). Here the recomputation
+    depends on the cotangent (``x + 0 * g[0]``), which no scheduler can hoist.
     """
     @jax.custom_vjp
     def run(params, x, state):
