@@ -1,14 +1,8 @@
 """Gradient methods: pure, jittable functions built from one model definition.
 
-Every method made by :func:`make_grad_fn` is (docs/DESIGN.md section 2.1)::
-
-    grad_fn(params, batch_stats, batch) -> ((loss, aux), grads)
-
-``batch = {"image": x, "label": y_B}``, ``x`` a static ``[B, H, W, C]`` batch fed at every
-step or a ``[T, B, H, W, C]`` sequence; ``aux`` holds the time-mean ``logits`` ``[B, K]``
-and the ``batch_stats`` after the step. Only this module knows how gradients are formed;
-models and layers know only the phase they run in. Logits, loss and ``aux`` are float32
-whatever the layers compute in (:func:`logits_of`).
+Every method made by :func:`make_grad_fn` is ``grad_fn(params, batch_stats, batch) ->
+((loss, aux), grads)`` (docs/DESIGN.md section 2.1). Only this module knows how gradients
+are formed; models and layers know only the phase they run in.
 """
 from __future__ import annotations
 
@@ -97,10 +91,8 @@ def logits_of(model, x, ctx: Ctx):
 
 def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
     """Run the spiking network over T steps on ``images`` (see :func:`check_images`).
-
-    Returns ``(logits_BxK, batch_stats, transient)``: the output averaged over time, the
-    BatchNorm running statistics after the pass, and what the layers recorded.
-    """
+    Returns ``(logits_BxK, batch_stats, transient)``: the time-mean output, the BatchNorm
+    statistics after the pass, and what the layers recorded."""
     T = ctx.T
     if ctx.step_mode == "multi":
         x_TxB = time_major(images, T)
@@ -143,11 +135,8 @@ def _check(step_mode, T, rate_grad_scale="exact"):
 
 # --------------------------------------------------------------------------- methods
 def bptt(net: Network, *, T: int, step_mode: str = "multi", remat: bool = False) -> Callable:
-    """Surrogate-gradient backpropagation through time: autodiff through the T-step scan.
-
-    ``remat=True`` recomputes instead of storing: each time step (single step mode), or
-    each unit wrapped in ``layers.call_unit`` (multi).
-    """
+    """Surrogate-gradient backpropagation through time. ``remat=True`` recomputes each time
+    step (single step mode) or each ``layers.call_unit`` (multi) instead of storing it."""
     _check(step_mode, T)
     ctx = Ctx("spike", step_mode, T, train=True, record=False, remat=remat)
 
@@ -181,10 +170,7 @@ def rate_pass(net: Network, params, batch_stats, records, x_B, *, T: int, step_m
 def rate(net: Network, *, T: int, step_mode: str = "multi",
          rate_grad_scale: str = "exact") -> Callable:
     """Rate-based backpropagation (Yu et al. 2024): a spike pass, then one rate pass.
-
-    ``rate_grad_scale="reference"`` multiplies the exact gradient of the rate graph by 1/T,
-    as the paper's code does (docs/DESIGN.md section 5.4).
-    """
+    ``rate_grad_scale``: docs/DESIGN.md section 5.4."""
     _check(step_mode, T, rate_grad_scale)
     scale = 1.0 if rate_grad_scale == "exact" else 1.0 / T
 
@@ -282,15 +268,10 @@ def _trace_decay(model, trace_decay):
 
 
 def _install_trace_hooks(model, *, x_in, traces_in, ctx: Ctx, lam: float, input_trace: bool):
-    """Make every ``nnx.Conv`` / ``nnx.Linear`` of the merged ``model`` (a copy made inside
-    this trace) form its weight gradient from the presynaptic trace of its input
-    (docs/DESIGN.md section 6.3). In single step mode the traces continue ``traces_in``
-    (keyed by layer path and call number; None for zeros), in multi step mode they run
-    along the folded time axis.
-
-    Returns the dict the hooks fill with each layer's new trace (empty in multi mode), and
-    the list they append the paths of layers fed ``x_in`` to.
-    """
+    """Make every ``nnx.Conv`` / ``nnx.Linear`` of the merged ``model`` take its weight
+    gradient at the trace of its input (docs/DESIGN.md section 6.3), continuing
+    ``traces_in`` (by layer path and call; None: zeros) in single step mode. Returns the
+    dict of new traces (empty in multi step mode) and the list of layers fed ``x_in``."""
     traces_out, calls, input_layers = {}, {}, []
     fed_input = [x_in]  # x_in and its casts to the layers' compute dtypes: found by identity
 
@@ -448,12 +429,9 @@ def _spatial_method(net: Network, *, T: int, step_mode: str, K, seed: int, trace
 
 def sltt(net: Network, *, T: int, step_mode: str = "single", K: int | None = None,
          seed: int = 0) -> Callable:
-    """Spatial learning through time (Meng et al., ICCV 2023, arXiv:2302.14311): BPTT
-    without the gradient through the membrane between steps (docs/DESIGN.md section 6.2).
-
-    ``K``: backpropagate only at K random time steps (SLTT-K), drawn from ``seed`` and the
-    batch (``batch["rng"]``, if given; :func:`sltt_steps`).
-    """
+    """Spatial learning through time (Meng et al., ICCV 2023): BPTT without the gradient
+    through the membrane between steps; with ``K``, only at K random time steps drawn from
+    ``seed`` and the batch (SLTT-K). docs/DESIGN.md section 6.2."""
     return _spatial_method(net, T=T, step_mode=step_mode, K=K, seed=seed, traces=False,
                            trace_decay=None, input_trace=False)
 
@@ -466,14 +444,9 @@ def sltt_k(net: Network, *, T: int, step_mode: str = "single", K: int = 1,
 
 def ottt(net: Network, *, T: int, step_mode: str = "single", trace_decay: float | None = None,
          input_trace: bool = False) -> Callable:
-    """Online training through time (Xiao et al., NeurIPS 2022, arXiv:2210.04195), OTTT_A:
-    SLTT's spatial gradient with each weight gradient taken at the presynaptic trace of its
-    layer's input (docs/DESIGN.md section 6.3).
-
-    trace_decay: the traces' decay; None takes the network's neuron decay.
-    input_trace: also use the trace for layers fed the raw network input (the official
-      code does not).
-    """
+    """Online training through time (Xiao et al., NeurIPS 2022), OTTT_A: SLTT's gradient
+    with each weight gradient taken at the presynaptic trace of its layer's input, decaying
+    by ``trace_decay`` (None: the neurons' decay). docs/DESIGN.md section 6.3."""
     return _spatial_method(net, T=T, step_mode=step_mode, K=None, seed=0, traces=True,
                            trace_decay=trace_decay, input_trace=input_trace)
 
@@ -501,8 +474,7 @@ def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:
     remat: bptt only, default False: recompute instead of storing (bptt_remat sets it).
     rate_grad_scale: rate only, default "exact"; "reference" scales the gradient by 1/T
       (docs/DESIGN.md section 5.4).
-    K: sltt (default None: every step) and sltt_k (default 1): backpropagate at K random
-      time steps.
+    K: sltt (default None, every step) and sltt_k (default 1): gradients at K random steps.
     seed: sltt and sltt_k, default 0: the seed of those steps' draw.
     trace_decay: ottt only, default None (the neurons' decay): the traces' decay.
     input_trace: ottt only, default False: also trace the layers fed the network input.
@@ -519,11 +491,8 @@ def make_grad_fn(name: str, net: Network, **kwargs) -> Callable:
 
 
 def spike_inference(net: Network, params, batch_stats, images, *, T: int, step_mode: str):
-    """Evaluation: the T-step SNN with running BN statistics.
-
-    Returns ``(logits_BxK, rates)`` where ``rates`` maps each LIF layer's path to its mean
-    firing rate over time, batch and neurons.
-    """
+    """Evaluation: the T-step SNN with running BN statistics. Returns ``(logits_BxK,
+    rates)``, ``rates`` each LIF layer's mean firing rate (:func:`firing_rates`)."""
     ctx = Ctx("spike", step_mode, T, train=False, record=True)
     logits, _, transient = simulate(net, params, batch_stats, images, ctx)
     return logits, firing_rates(transient)
