@@ -1,13 +1,6 @@
-"""LIF neurons, surrogate spike functions and eligibility recurrences, as pure functions.
-
-The neuron (docs/DESIGN.md section 1) integrates ``v_t = lam * u_{t-1} + x_t``, spikes
-``s_t = H(v_t - thresh)`` on the pre-reset membrane ``v_t``, and resets to ``u_t``:
-soft ``u_t = v_t - thresh * s_t`` or hard ``u_t = v_t * (1 - s_t) + v_reset * s_t``.
-With ``detach_reset`` no gradient flows through the spike inside the reset term.
-
-Everything here is a plain function of arrays so that it can be tested, scanned,
-differentiated and vmapped on its own; the NNX layers in ``layers.py`` only wire it up.
-"""
+"""LIF neurons (docs/DESIGN.md section 1), surrogates and the eligibility recurrence
+(section 2.2) as plain functions of arrays, each testable on its own; ``layers.py`` wires
+them into NNX layers."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +16,7 @@ RESET_MODES = ("soft", "soft_nodetach", "hard", "hard_detach")
 
 
 # --------------------------------------------------------------------------- surrogates
-# Each entry maps (v - thresh, alpha) to the surrogate derivative dS/dv. The default is the
-# reference code's sigmoid with alpha = 4.
+# (v - thresh, alpha) -> dS/dv, each integrating to 1; the reference uses the sigmoid.
 def _sigmoid_grad(x, alpha):
     sig = jax.nn.sigmoid(alpha * x)
     return alpha * sig * (1.0 - sig)
@@ -35,12 +27,10 @@ def _atan_grad(x, alpha):
 
 
 def _triangle_grad(x, alpha):
-    # Peak 1/width at the threshold, zero beyond |x| >= 1/alpha; integrates to 1.
     return jnp.maximum(0.0, alpha - alpha * alpha * jnp.abs(x))
 
 
 def _rectangle_grad(x, alpha):
-    # Box of width 1/alpha and height alpha around the threshold; integrates to 1.
     return jnp.where(jnp.abs(x) < 0.5 / alpha, alpha, 0.0).astype(x.dtype)
 
 
@@ -54,16 +44,9 @@ SURROGATES: dict[str, Callable] = {
 
 @dataclasses.dataclass(frozen=True)
 class NeuronConfig:
-    """Static LIF settings; hashable so it can live in an NNX module and in jit's static args.
-
-    lam: membrane decay, ``1 - 1/tau``, in [0, 1).
-    thresh: firing threshold, > 0.
-    reset: one of RESET_MODES. ``soft``/``hard`` detach the reset; ``soft_nodetach``
-      lets gradient through the soft reset; ``hard`` is the reference's hard reset, which
-      does not detach; ``hard_detach`` detaches it.
-    v_reset: the membrane value after a hard reset.
-    surrogate, alpha: the surrogate derivative, from SURROGATES, and its sharpness.
-    """
+    """Static LIF settings (docs/DESIGN.md section 1), hashable for NNX modules and jit:
+    decay ``lam = 1 - 1/tau``, threshold, reset mode (RESET_MODES) and hard-reset value,
+    and the surrogate (SURROGATES) with its sharpness ``alpha``."""
 
     lam: float = 0.2
     thresh: float = 1.0
@@ -97,10 +80,7 @@ def surrogate_grad(v, cfg: NeuronConfig):
 # --------------------------------------------------------------------------- spike function
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def spike(v, cfg: NeuronConfig):
-    """Heaviside ``v >= thresh`` whose VJP is the surrogate derivative (a custom_vjp).
-
-    The reference fires on ``v - thresh >= 0``; we keep that tie rule for parity.
-    """
+    """Heaviside ``v >= thresh`` (the reference's tie rule); its VJP is the surrogate's."""
     return (v >= cfg.thresh).astype(v.dtype)
 
 
@@ -125,18 +105,14 @@ def reset_membrane(v, s, cfg: NeuronConfig):
 
 
 def reset_derivative(v, s, cfg: NeuronConfig):
-    """``d_t = du_t/dv_t`` along the differentiated graph (docs/DESIGN.md section 2.2).
-
-    soft+detach: 1; soft: 1 - thresh*sg; hard+detach: 1 - s; hard: (1 - s) + (v_reset - v)*sg.
-    """
+    """``d_t = du_t/dv_t`` along the differentiated graph (docs/DESIGN.md section 2.2)."""
     if cfg.hard:
         d = 1.0 - s
         if not cfg.detach_reset:
             d = d + (cfg.v_reset - v) * surrogate_grad(v, cfg)
         return d
     if cfg.detach_reset:
-        # A scalar: eps_t is then the same for every neuron and the carry stays scalar,
-        # which saves one tensor read and write per neuron and step in the spike pass.
+        # A scalar keeps eps_t, the same for every neuron, a scalar carry.
         return jnp.ones((), v.dtype)
     return 1.0 - cfg.thresh * surrogate_grad(v, cfg)
 
@@ -149,12 +125,8 @@ def lif_step(u_prev, x, cfg: NeuronConfig):
 
 
 def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True):
-    """Run the LIF over time from rest (``u_0 = 0``). Differentiable (BPTT).
-
-    x_TxN: input current, time-major, any trailing shape. Returns spikes_TxN.
-    temporal_grad=False stops the gradient through the membrane carry ``u_{t-1} -> v_t``
-    (only the spatial path of each step is differentiated, as in SLTT and OTTT).
-    """
+    """The LIF's spikes over time from rest (``u_0 = 0``), differentiable (BPTT);
+    ``temporal_grad=False`` cuts the gradient through the membrane carry (SLTT, OTTT)."""
     def body(u, x):
         if not temporal_grad:
             u = jax.lax.stop_gradient(u)
@@ -166,8 +138,8 @@ def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True):
 
 
 def _after_reset(v, cfg: NeuronConfig):
-    """The membrane ``u`` after the reset that follows pre-reset ``v``; 0 for ``v = 0``,
-    as ``thresh > 0``, so a loop carrying ``v`` starts from rest with ``v = 0``."""
+    """The membrane after the reset that follows ``v``: 0 at ``v = 0``, so a loop carrying
+    the pre-reset membrane starts at rest."""
     return reset_membrane(v, spike(v, cfg), cfg)
 
 
@@ -175,25 +147,15 @@ def _scan_over_input(step, init, xs):
     """``lax.scan(step, init, xs)`` for a step whose output has its input's shape and dtype,
     writing each output over the input it came from. Returns ``(carry, ys)``.
 
-    Why not ``lax.scan``: it stacks the outputs in a new buffer, which XLA fills with zeros
-    before the loop, while each input step is dead once read. Writing over the input saves
-    that buffer and its fill. XLA then does it in place only when no two fusions of the
-    loop body read and write the same array in the wrong order, so the callers carry the
-    membrane before its reset: the body is one fusion for the new membrane and one that
-    writes its spikes (plus one per record), with no copy of the carry. A ResNet-18 LIF
-    layer's forward (conv output ``[8, 16, 32, 32, 64]``, BatchNorm applied): 44 -> 28 ms,
-    temporary memory 40 -> 4 MiB (docs/RESULTS.md, section 10). Differentiable, as
-    ``fori_loop`` with static bounds is a scan, but the BPTT scan (``lif_scan``) is kept
-    for training: its memory and speed are what the benchmarks measured.
-    """
+    ``lax.scan`` would stack them in a new, zero-filled buffer. To stay in place the
+    callers carry the membrane before its reset (docs/RESULTS.md, "The no-gradient LIF
+    loops write their spikes over their input")."""
     def body(t, state):
         carry, xs = state
         carry, y = step(carry, xs[t])
         return carry, xs.at[t].set(y.astype(xs.dtype))
-    # From T = 3 the first step runs before the loop, on the constant ``init``, which XLA
-    # then folds into it instead of filling every carry's buffer with it and copying that
-    # in. At T = 2 the loop left would have one step, which XLA inlines, and the straight
-    # code no longer wrote over the input (the ResNet-18 rate step took 319 MiB, not 207).
+    # The first step is peeled so XLA folds the constant init into it; not at T = 2, where
+    # XLA would inline the one step left and no longer write in place.
     start, state = (1, body(0, (init, xs))) if xs.shape[0] > 2 else (0, (init, xs))
     return jax.lax.fori_loop(start, xs.shape[0], body, state)
 
@@ -209,25 +171,16 @@ def lif_forward(x_TxN, cfg: NeuronConfig):
 
 
 def time_mean(x_TxN):
-    """``x_TxN.mean(0)``, computed as a product with a vector of ones.
-
-    Why: XLA:CPU reduces over a leading axis about 50 times slower than it computes the
-    same sum as a matrix-vector product: the spikes of a ResNet-18 layer, ``[8, 16, 32, 32,
-    64]``, take 69 ms against 1.7 ms (docs/RESULTS.md, section 10). A sum of the T slices
-    is as fast alone, but XLA fuses it into the rate pass's consumers of the record, and
-    the ResNet-18 rate step took 2.02 s with it against 1.65 s with the product. For spikes
-    (0 or 1) all three are exact integer sums divided by T, equal bit for bit. The product
-    asks for full precision, so that GPUs do not round other inputs to TF32.
-    """
+    """``x_TxN.mean(0)`` as a product with ones, far faster on XLA:CPU (docs/RESULTS.md, "The
+    no-gradient LIF loops write their spikes over their input"); at full precision, which
+    GPUs would otherwise take as TF32."""
     T = x_TxN.shape[0]
     return jnp.tensordot(jnp.ones((T,), x_TxN.dtype), x_TxN, axes=1,
                          precision=jax.lax.Precision.HIGHEST) / T
 
 
 class EligibilityCarry(NamedTuple):
-    """Per-neuron carry of the spike pass: membrane, eps*d product (a scalar when the reset
-    derivative d is constant), running mean of eps*sg. The firing rate is the time mean of
-    the spikes, which the callers take (multi step mode: :func:`time_mean` of all of them)."""
+    """The spike pass's carry: membrane, ``eps * d`` and the running mean of ``eps * sg``."""
 
     u: jax.Array
     eps_d: jax.Array
@@ -241,14 +194,8 @@ def eligibility_init(shape, cfg: NeuronConfig, dtype=jnp.float32) -> Eligibility
 
 
 def eligibility_step(carry: EligibilityCarry, x, cfg: NeuronConfig, T: int):
-    """One spike-pass step that also advances the eligibility recurrence.
-
-    ``eps_t = 1 + lam * eps_{t-1} * d_{t-1}`` (``eps_0 = 1``) is the forward-mode derivative
-    ``dv_t/dx`` of the pre-reset membrane for a constant input ``x``; ``eps_t * sg(v_t)`` is
-    then ``ds_t/dx``. ``elig`` accumulates ``eps_t sg(v_t) / T``, so after T steps it is
-    the time mean. Returns ``(carry, s, v)``, ``v`` the pre-reset membrane. Not
-    differentiated.
-    """
+    """One spike-pass step that also advances the eligibility recurrence (docs/DESIGN.md
+    section 2.2), adding ``eps_t sg(v_t) / T`` to ``elig``. Returns ``(carry, s, v)``."""
     u, s, v = lif_step(carry.u, x, cfg)
     eps = 1.0 + cfg.lam * carry.eps_d
     new = EligibilityCarry(
@@ -260,10 +207,7 @@ def eligibility_step(carry: EligibilityCarry, x, cfg: NeuronConfig, T: int):
 
 
 def lif_scan_with_eligibility(x_TxN, cfg: NeuronConfig):
-    """Spike pass over T steps. Returns ``(spikes_TxN, rate_N, elig_N)``.
-
-    ``rate = mean_t s_t`` and ``elig = (1/T) sum_t eps_t sg(v_t)``; no gradient flows.
-    """
+    """Spike pass over T steps, without gradient: ``(spikes_TxN, rate_N, elig_N)``."""
     x_TxN = jax.lax.stop_gradient(x_TxN)
     T = x_TxN.shape[0]
 
