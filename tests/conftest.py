@@ -170,6 +170,12 @@ def rel_err(a, b):
     return float(jnp.linalg.norm(flat(a) - flat(b)) / jnp.linalg.norm(flat(b)))
 
 
-@pytest.fixture(params=sorted(set(models.TINY.values())))
+# The tiny model that tests over every tiny model run in the fast tier (-m "not slow"); the
+# others are marked slow.
+FAST_TINY = "resnet18_tiny"
+
+
+@pytest.fixture(params=[pytest.param(name, marks=() if name == FAST_TINY else pytest.mark.slow)
+                        for name in sorted(set(models.TINY.values()))])
 def tiny_name(request):
     return request.param
