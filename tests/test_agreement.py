@@ -130,6 +130,7 @@ def runs(tmp_path_factory):
     return plain, logged
 
 
+@pytest.mark.slow
 def test_logging_agreement_leaves_the_run_bit_identical(runs):
     plain, logged = runs
     (params_plain, _), (params_logged, _) = _final_params(plain), _final_params(logged)
@@ -144,6 +145,7 @@ def test_logging_agreement_leaves_the_run_bit_identical(runs):
         assert record_logged[key] == record_plain[key], key
 
 
+@pytest.mark.slow
 def test_resumed_logging_neither_duplicates_nor_loses_records(runs):
     _, logged = runs
     records = _agreement_records(logged)
@@ -162,7 +164,7 @@ def test_resumed_logging_neither_duplicates_nor_loses_records(runs):
     assert os.path.getsize(os.path.join(logged, agreement.PLOT_FILE)) > 0
 
 
-@pytest.mark.parametrize("step_mode", ["multi", "single"])
+@pytest.mark.parametrize("step_mode", [pytest.param("multi", marks=pytest.mark.slow), "single"])
 def test_logged_agreement_is_exact_at_T1(tmp_path, step_mode):
     config = tiny_config(T=1, step_mode=step_mode, num_train_steps=2,
                          grad_agreement_every_steps=1,
@@ -182,6 +184,7 @@ def _compare(*args):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_compare_gradients_on_a_trained_run(runs, tmp_path):
     _, logged = runs
     out = tmp_path / "grads.json"
