@@ -1,28 +1,15 @@
 """A 2-D convolution whose kernel gradient XLA:CPU compiles fast inside loops.
 
-Why this exists: JAX's transpose rule forms the kernel gradient of an NHWC/HWIO
-convolution as a convolution with dimension labels ``f01b_i01o->01bf``. At the top level of
-a program XLA:CPU rewrites that into its fast library convolution, but inside a
-``while`` body (a ``lax.scan`` or ``fori_loop``) it does not, and falls back to a naive
-loop nest: measured on 2 CPU cores, a 3x3, 64-channel, 32x32, batch-16 kernel gradient took
-10.6 s for 4 loop iterations against 0.16 s written as below. Every method that takes
-gradients inside a time scan (BPTT, SLTT and OTTT in single step mode) hit that path.
+JAX's transpose rule writes the kernel gradient with dimension labels
+``f01b_i01o->01bf``, which XLA:CPU turns into its library convolution at the top level of a
+program but not inside a ``while`` body (a time scan), where it runs a naive loop nest
+(docs/RESULTS.md, "Memory and time against T"). :func:`kernel_grad` writes it in the
+canonical layout instead, which XLA keeps in loop bodies; the value and the input gradient
+are JAX's own. Anything but the plain NHWC case goes to ``lax.conv_general_dilated``.
 
-Here the kernel gradient is written directly as a convolution in the canonical layout:
-input channels play the batch, the batch plays the input features, and the output
-gradient is the kernel, dilated by the stride. XLA keeps that form in loop bodies. The
-value and the input gradient are JAX's own. Any configuration outside the plain case
-(dilations, feature groups, another layout, extra keyword arguments) is passed to
-``lax.conv_general_dilated`` unchanged.
-
-Float64 convolutions on the CPU are written as one matrix product of the k*k shifted
-input slices (:func:`conv_as_dots`): XLA:CPU has a library convolution for float32 but not
-for float64, and falls back to a naive loop nest, while its float64 dot is a library GEMM.
-One float64 VGG-SNN training step (batch 4, 32x32, T=1, the parity check) ran 19.4 s as
-convolutions and 1.1 s as k*k dots. One dot per convolution instead of k*k then cut the
-float64 ResNet-18 parity steps' compile time by a fifth (single step BPTT, T=4: 22.3 ->
-18.5 s; multi step rate-BP, T=4: 18.5 -> 14.3 s) and their run time too (3.3 -> 2.6 s,
-2.1 -> 1.7 s).
+Float64 convolutions on the CPU run as one matrix product of the shifted input slices
+(:func:`conv_as_dots`): XLA:CPU has a library GEMM for float64 but no library convolution
+(docs/RESULTS.md, "Parity with the reference implementation").
 """
 from __future__ import annotations
 
@@ -42,8 +29,8 @@ def _conv(x, w, strides, padding, precision):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_nhwc(x, w, strides, padding, precision=None):
-    """``lax.conv_general_dilated`` in NHWC/HWIO with explicit ``padding`` pairs; see the
-    module docstring for why its VJP is written by hand."""
+    """``lax.conv_general_dilated`` in NHWC/HWIO with explicit ``padding`` pairs, with the
+    kernel gradient of :func:`kernel_grad`."""
     return _conv(x, w, strides, padding, precision)
 
 
@@ -52,13 +39,9 @@ def _conv_fwd(x, w, strides, padding, precision):
 
 
 def kernel_grad(x, g, kernel_shape, strides, padding, precision=None):
-    """``d/dw <g, conv(x, w)>`` as one canonical-layout convolution.
-
-    ``dw[i, j, c, o] = sum_{b, p, q} x_pad[b, p*s + i, q*s + j, c] g[b, p, q, o]``: a
-    convolution of ``x`` (channels as batch, batch as features) with ``g`` (as the kernel,
-    dilated by the stride s). The high padding is trimmed by the rows the forward stride
-    skipped, so that the output is exactly the kernel's size.
-    """
+    """``d/dw <g, conv(x, w)>`` as one canonical-layout convolution of ``x`` (channels as
+    batch, batch as features) with ``g`` as the kernel, dilated by the stride; the high
+    padding loses the rows the forward stride skipped, so the output has the kernel's size."""
     pads = []
     for size, k, s, (lo, hi) in zip(x.shape[1:3], kernel_shape[:2], strides, padding):
         skipped = (size + lo + hi - k) % s
@@ -80,11 +63,9 @@ conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv_as_dots(x, w, strides, padding, precision=None):
-    """The NHWC/HWIO convolution as one matrix product: the kernel's k*k taps (strided
-    slices of the padded input) side by side on the channel axis, times the kernel as a
-    ``[k*k*Cin, Cout]`` matrix. Equal to the convolution up to the order of summation; its
-    gradients are JAX's, of slices, a concatenation and a dot. For float64 on the CPU
-    (module docstring)."""
+    """The NHWC/HWIO convolution as one matrix product: the k*k strided slices of the padded
+    input side by side on the channel axis, times the kernel as a ``[k*k*Cin, Cout]``
+    matrix. Equal up to the order of summation; its gradients are JAX's."""
     kh, kw, cin, cout = w.shape
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0),
                                               (0, 0, 0)))
