@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ratebp_jax import agreement, checks, data, methods, models, neurons
+from ratebp_jax import agreement, checks, data, methods, models, neurons, tracking
 from ratebp_jax import workdir as wd
 from ratebp_jax.data.fingerprint import fingerprint as data_fingerprint
 from ratebp_jax.layers import POOL_TIES, STEP_MODES
@@ -80,7 +80,7 @@ def validate_config(config, *, devices: bool = True) -> None:
                   "seed", "augment_crop_padding", "data_workers", "grad_agreement_every_steps"):
         checks.check_int(field, config[field], 0)
     _method_list(config, "grad_agreement_methods")
-    for field in ("augment", "augment_flip", "progress_bar", "plots"):
+    for field in ("augment", "augment_flip", "progress_bar", "plots", "tensorboard"):
         checks.check_bool(field, config[field])
     checks.check_number("surrogate_alpha", config.surrogate_alpha, 0.0, low_open=True)
     checks.check_number("v_reset", config.v_reset)
@@ -225,7 +225,8 @@ def data_parallel(mesh):
     replicated = NamedSharding(mesh, P())
 
     def sharding(x):
-        batch_axis = 1 if x.ndim == 5 else 0  # event batches are [T, B, ...]
+        # event batches are [T, B, H, W, C], feature sequences [T, B, F]
+        batch_axis = 1 if x.ndim in (3, 5) else 0
         spec = [None] * x.ndim
         spec[batch_axis] = "data"
         return NamedSharding(mesh, P(*spec))
@@ -249,10 +250,12 @@ def data_parallel(mesh):
 
 # --------------------------------------------------------------------------- state
 def create_model(config, image_shape, num_classes) -> nnx.Module:
-    """The config's model for inputs of ``image_shape`` (H, W, C)."""
+    """The config's model for inputs of ``image_shape``: (H, W, C) images, or (F,) feature
+    vectors, which a factory gets as a 1x1 image of F channels."""
     return models.create_model(
         config.model, num_classes=config.num_classes or num_classes,
-        in_channels=image_shape[-1], image_size=image_shape[0],
+        in_channels=image_shape[-1],
+        image_size=image_shape[0] if len(image_shape) == 3 else 1,
         neuron=neuron_config(config), seed=config.seed, compute_dtype=config.compute_dtype,
         pool_ties=config.pool_ties, model_kwargs=config.model_kwargs)
 
@@ -296,9 +299,12 @@ def load_trained(config, workdir: str, *, best: bool = False, log=print):
 
 # --------------------------------------------------------------------------- records
 def plot_curves(history, workdir):
-    """``curves.png`` (loss and accuracy per epoch) and ``firing_rates.png`` (last epoch)."""
+    """``curves.png`` (loss and accuracy per epoch) and ``firing_rates.png`` (every LIF
+    layer's mean firing rate over the epochs, as a layer x epoch map in which a dead or
+    saturated layer shows as it appears). Drawn at every epoch's end."""
     # The object API draws without pyplot's global backend, so notebooks keep inline plots.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     fig = Figure(figsize=(10, 3.5))
@@ -315,12 +321,16 @@ def plot_curves(history, workdir):
     fig.tight_layout()
     wd.save_figure_atomic(fig, os.path.join(workdir, "curves.png"))
 
-    rates = history[-1]["firing_rates"]
-    fig = Figure(figsize=(max(4, 0.4 * len(rates) + 2), 3.5))
+    layers = list(history[-1]["firing_rates"])
+    rates = [[r["firing_rates"].get(layer, float("nan")) for r in history] for layer in layers]
+    fig = Figure(figsize=(min(12, 5.5 + 0.25 * len(epochs)), 1.8 + 0.3 * len(layers)))
     ax = fig.subplots()
-    ax.bar(range(len(rates)), list(rates.values()))
-    ax.set_xticks(range(len(rates)), list(rates), rotation=70, fontsize=7)
-    ax.set(ylabel="mean firing rate", title=f"firing rates, epoch {history[-1]['epoch']}")
+    image = ax.imshow(rates, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                      extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(layers) - 0.5, -0.5))
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", title="firing rate per LIF layer")
+    fig.colorbar(image, ax=ax, label="rate (0 dead, 1 saturated)")
     fig.tight_layout()
     wd.save_figure_atomic(fig, os.path.join(workdir, "firing_rates.png"))
 
@@ -348,6 +358,7 @@ class Run:
     latest: Any = None
     best: Any = None
     agreement: Any = None
+    tracker: Any = None
 
     @property
     def writes_records(self) -> bool:
@@ -465,6 +476,7 @@ def open_workdir(run: Run, state) -> Progress:
     run.agreement = _agreement_logger(config, run.net, state, run.dataset, run.workdir,
                                       restored)
     wd.reconcile_best(run.best, history, state, restored)
+    run.tracker = tracking.open_tracker(run.workdir, config, restored)
     wd.write_config(run.workdir, config, run.fingerprint)
     if restored is not None:
         run.log(f"resumed from step {restored} in {run.workdir}")
@@ -495,8 +507,10 @@ def train_epoch(run: Run, progress: Progress, batches, stop, interrupt_at_step):
     for _, batch in zip(range(start, end), batches):
         if run.agreement is not None and run.agreement.due(progress.step):
             # before train_step donates the leaves
-            run.agreement.log(progress.step, jax.tree.unflatten(run.treedef, progress.leaves),
-                              batch)
+            records = run.agreement.log(
+                progress.step, jax.tree.unflatten(run.treedef, progress.leaves), batch)
+            if run.tracker is not None:
+                run.tracker.agreement(records)
         progress.leaves, metrics = run.train_step(progress.leaves, batch)
         clock.stepped(metrics, first=not progress.compiled)
         progress.compiled = True
@@ -506,17 +520,17 @@ def train_epoch(run: Run, progress: Progress, batches, stop, interrupt_at_step):
         every = config.checkpoint_every_steps
         mid_epoch = progress.step < epoch * run.steps_per_epoch + end
         if mid_epoch and (progress.interrupted or (every and progress.step % every == 0)):
-            raise_on_nonfinite(pending, bar, say, config.nan_policy)
+            read_metrics(run, pending, bar, say)
             pending = []
             save_latest(run, progress.step, jax.tree.unflatten(run.treedef, progress.leaves))
             if progress.interrupted:
                 break
         elif len(pending) > config.log_every_steps:
-            raise_on_nonfinite(pending[:-1], bar, say, config.nan_policy)
+            read_metrics(run, pending[:-1], bar, say)
             pending = pending[-1:]
         if bar is not None:
             bar.update(1)
-    raise_on_nonfinite(pending, bar, say, config.nan_policy)
+    read_metrics(run, pending, bar, say)
     if bar is not None:
         bar.close()
     return None if progress.interrupted and mid_epoch else clock.timing()
@@ -540,6 +554,10 @@ def close_epoch(run: Run, progress: Progress, timing: dict) -> None:
     progress.history.append(record)
     if run.writes_records:
         wd.append_jsonl(os.path.join(run.workdir, wd.METRICS_FILE), record)
+        if run.config.plots:
+            plot_curves(progress.history, run.workdir)
+    if run.tracker is not None:
+        run.tracker.epoch(record)
     speed = (f"{record['images_per_s']:.0f} img/s" if record["images_per_s"] is not None
              else "no timed steps")
     compiled = f", compile {record['compile_s']:.1f} s" if record["compile_s"] else ""
@@ -552,8 +570,11 @@ def close_epoch(run: Run, progress: Progress, timing: dict) -> None:
 
 
 def save_latest(run: Run, step: int, state) -> None:
-    """Checkpoint ``state`` as the latest. A best save still in flight is waited for first, so
-    that a committed latest checkpoint implies every earlier best one is committed."""
+    """Checkpoint ``state`` as the latest. The events so far are flushed, and a best save
+    still in flight is waited for, first: a committed latest checkpoint implies that every
+    event and best checkpoint before it is on disk."""
+    if run.tracker is not None:
+        run.tracker.flush()
     run.best.wait_until_finished()
     run.latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
@@ -593,9 +614,13 @@ def summarize(run: Run, progress: Progress, artefacts: list[str]) -> dict[str, A
 
 
 def _wait_for_saves(run: Run) -> None:
+    """Let the saves in flight finish, and close the event files."""
     for manager in (run.latest, run.best):
         if manager is not None:
             manager.wait_until_finished()
+    if run.tracker is not None:
+        run.tracker.close()
+        run.tracker = None
 
 
 def _checkpoint_kept(workdir: str) -> str:
@@ -684,20 +709,25 @@ def on_device(batches, shard, ahead: int = 1):
     yield from queue
 
 
-def raise_on_nonfinite(pending, bar, say, nan_policy: str) -> None:
+def read_metrics(run: Run, pending, bar, say) -> None:
     """Read the pending steps' metrics back in one transfer and check them in order: a
-    non-finite step raises NonFiniteError (or is reported, with ``nan_policy="skip"``); the
-    bar shows the epoch's running means."""
+    non-finite step raises NonFiniteError (or is reported, with ``nan_policy="skip"``).
+    The finite steps' mean loss and accuracy go to TensorBoard at the step they reach, and
+    the bar shows the epoch's running means."""
     if not pending:
         return
     fetched = jax.device_get([metrics for _, metrics in pending])
     for (step, _), metrics in zip(pending, fetched):
         if metrics["finite"]:
             continue
-        if nan_policy == "stop":
+        if run.config.nan_policy == "stop":
             raise NonFiniteError(f"non-finite loss or gradient at step {step + 1} "
                                  f"(loss={metrics['loss']}); stopped")
         say(f"warning: skipped step {step + 1}: non-finite loss or gradient")
+    finite = [m for m in fetched if m["finite"]]
+    if run.tracker is not None and finite:
+        run.tracker.train(pending[-1][0] + 1, sum(float(m["loss"]) for m in finite) / len(finite),
+                          sum(float(m["accuracy"]) for m in finite) / len(finite))
     if bar is not None:
         bar.set_postfix(loss=f"{fetched[-1]['epoch_loss']:.3f}",
                         acc=f"{fetched[-1]['epoch_accuracy']:.3f}")

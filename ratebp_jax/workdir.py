@@ -22,7 +22,7 @@ from ratebp_jax.data.fingerprint import fingerprint as data_fingerprint, short
 # Fields a rerun may change: what is logged, kept or shown, where the same data lives (its
 # fingerprint must not change), and how long the run goes on. Everything else defines the run.
 RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "log_every_steps",
-                "plots", "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size",
+                "plots", "tensorboard", "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size",
                 "nan_policy", "data_dir", "data_path", "data_workers",
                 "grad_agreement_every_steps", "grad_agreement_methods")
 

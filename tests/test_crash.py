@@ -2,13 +2,15 @@
 
 One run is recorded with every write it makes intercepted: the metrics and agreement lines,
 ``config.json`` and ``summary.json``, the figures, and each orbax save (latest and best, at
-mid-epoch saves and at epoch ends). Before each write the workdir is copied: that is what a
+mid-epoch saves and at epoch ends; the TensorBoard events are flushed before each
+checkpoint). Before each write the workdir is copied: that is what a
 crash just before it leaves. Each write also gets the states a crash inside it leaves: a torn
 last JSONL line, a temporary file or checkpoint directory never renamed, an old checkpoint
 half deleted, and, for the two saves at an epoch's end, the order that asynchronous saves
 may commit in (the best checkpoint committed, the latest not). Rerunning the same config on
 every such state must give the uninterrupted run's parameters and BatchNorm statistics bit
-for bit, the same ``best/`` checkpoint, and the same records apart from timings.
+for bit, the same ``best/`` checkpoint, and the same records and TensorBoard scalars apart
+from timings.
 """
 import glob
 import json
@@ -19,7 +21,7 @@ import chex
 import orbax.checkpoint as ocp
 import pytest
 
-from ratebp_jax import train
+from ratebp_jax import tracking, train
 from ratebp_jax import workdir as wd
 
 from test_train import tiny_config
@@ -136,7 +138,18 @@ def outcome(workdir):
             "agreement": _records(os.path.join(workdir, "grad_agreement.jsonl")),
             "summary": {k: v for k, v in summary.items() if k not in TIMINGS},
             "figures": sorted(os.path.basename(p)
-                              for p in glob.glob(os.path.join(workdir, "*.png")))}
+                              for p in glob.glob(os.path.join(workdir, "*.png"))),
+            "events": {tag: values for tag, values in
+                       tracking.read_scalars(os.path.join(workdir, tracking.FOLDER)).items()
+                       if tag not in ("images_per_s", "compile_s")}}
+
+
+def _first_difference(got, expected):
+    if isinstance(got, dict) and isinstance(expected, dict):
+        for key in sorted(set(got) | set(expected)):
+            if got.get(key) != expected.get(key):
+                return key, got.get(key), expected.get(key)
+    return got, expected
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +178,8 @@ def test_the_recording_covers_every_kind_of_write(recorded):
         assert any(kind in name for name in names), (kind, names)
     assert len(states) >= 30
     assert expected["best_steps"] and expected["figures"]
+    assert {"train/loss", "test/accuracy", "learning_rate", "agreement/rate/cosine"} <= set(
+        expected["events"])
 
 
 def test_a_crash_at_any_write_resumes_to_the_uninterrupted_result(recorded, tmp_path):
@@ -178,8 +193,9 @@ def test_a_crash_at_any_write_resumes_to_the_uninterrupted_result(recorded, tmp_
             got = outcome(workdir)
             chex.assert_trees_all_equal(got["latest"], expected["latest"])
             chex.assert_trees_all_equal(got["best"], expected["best"])
-            for key in ("best_steps", "metrics", "agreement", "summary", "figures"):
-                assert got[key] == expected[key], key
+            for key in ("best_steps", "metrics", "agreement", "summary", "figures", "events"):
+                assert got[key] == expected[key], (key, _first_difference(got[key],
+                                                                         expected[key]))
         except Exception as e:  # noqa: BLE001 - every state is tried; all failures listed
             failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
         shutil.rmtree(workdir, ignore_errors=True)

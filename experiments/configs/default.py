@@ -67,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
     # How often, in steps, the host reads the train metrics back from the devices (for the
     # progress bar and the non-finite check); in between the devices run ahead of Python.
     c.log_every_steps = 10
-    c.plots = True  # write PNG curves into the workdir
+    c.plots = True  # PNG curves and firing rates in the workdir, redrawn at every epoch's end
+    c.tensorboard = True  # TensorBoard event files in workdir/tensorboard/ (ratebp_jax.tracking)
     c.nan_policy = "stop"  # stop | skip: what a non-finite loss or gradient does
     # Every this many steps, compare each method of grad_agreement_methods with BPTT on the
     # step's batch (grad_agreement.jsonl and .png, per layer); 0: off. Costs one BPTT and one
