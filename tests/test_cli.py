@@ -28,6 +28,7 @@ def run_cli(script, *args, env=None):
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_compare_gradients_json_has_the_documented_fields(tmp_path):
     out = tmp_path / "g.json"
     proc = run_cli("compare_gradients.py", "--model", "vgg_tiny", "--image-size", "8",
@@ -70,6 +71,7 @@ def test_compare_gradients_computes_at_the_precision_asked(monkeypatch):
     assert jax.config.jax_default_matmul_precision is None  # restored afterwards
 
 
+@pytest.mark.slow  # a process each; test_cli_errors.py runs every flag's error in-process
 @pytest.mark.parametrize("args,message", [
     (["--model", "alexnet"], "model='alexnet'"),
     (["--T", "0"], "--T=0"),
@@ -85,6 +87,7 @@ def test_compare_gradients_bad_input_is_one_line_without_traceback(args, message
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_benchmark_reports_ratios_and_flat_single_mode_rate_memory(tmp_path):
     out = tmp_path / "b.json"
     proc = run_cli("benchmark.py", "--model", "resnet18_tiny", "--image-size", "8",
@@ -104,6 +107,7 @@ def test_benchmark_reports_ratios_and_flat_single_mode_rate_memory(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_conv_throughput_quick_reports_every_shape_and_op_against_peak(tmp_path):
     out = tmp_path / "c.json"
     proc = run_cli("backend/conv_throughput.py", "--quick", "--step-modes", "multi",
@@ -126,6 +130,7 @@ def test_conv_throughput_quick_reports_every_shape_and_op_against_peak(tmp_path)
     assert "whole network" in proc.stdout
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_runs_every_method_and_mode(tmp_path):
     out = tmp_path / "a.json"
     proc = run_cli("accuracy_benchmark.py", "--seeds", "0", "--num-train-steps", "3",
@@ -137,6 +142,7 @@ def test_accuracy_benchmark_runs_every_method_and_mode(tmp_path):
     assert all(0.0 <= s["mean_accuracy"] <= 1.0 for s in summary)
 
 
+@pytest.mark.slow
 def test_device_benchmark_smoke_writes_every_program_in_both_modes_and_dtypes(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "experiments", "device_benchmark.sh"),
                            "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
@@ -152,6 +158,7 @@ def test_device_benchmark_smoke_writes_every_program_in_both_modes_and_dtypes(tm
     assert "images/s" in proc.stdout and result["batch"] == 4
 
 
+@pytest.mark.slow
 def test_loop_overhead_reports_every_epoch_and_both_ratios(monkeypatch, tmp_path):
     """A tiny run of experiments/backend/loop_overhead.py: every timed epoch of both loops
     is recorded, and the two summary ratios are computed from them."""

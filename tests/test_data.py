@@ -74,6 +74,7 @@ def test_digits_fall_back_to_scikit_learns_loader_without_its_file(monkeypatch):
     np.testing.assert_array_equal(labels, digits.target)
 
 
+@pytest.mark.slow
 def test_loading_digits_does_not_import_scikit_learn():
     """The point of reading the file: a fresh process loads the default dataset without
     importing scikit-learn (about 2 s)."""
@@ -269,6 +270,7 @@ def test_dvs_frames_split_and_augmentation():
     assert events.resize_frames(frames[0], 4).shape == (3, 4, 4, 2)
 
 
+@pytest.mark.slow
 def test_training_runs_on_event_frames(tmp_path):
     samples = _synthetic_events(20, sensor=(8, 8))
     frames = np.stack([events.events_to_frames(*s, sensor_hw=(8, 8), T=3) for s in samples])

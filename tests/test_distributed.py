@@ -9,9 +9,12 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from conftest import xla_flags_with_host_devices
 from test_train import ROOT
+
+pytestmark = pytest.mark.slow
 
 FLAGS = ["--config.model=vgg_tiny", "--config.T=2", "--config.batch_size=32",
          "--config.eval_batch_size=120", "--config.progress_bar=false",
