@@ -1,18 +1,9 @@
 """Index-based input pipeline: deterministic, resumable batches from random-access sources.
 
-A source is anything with ``len()`` and fancy indexing that returns ``(images, labels)``:
-in-memory NumPy arrays (digits, npz, CIFAR) or a ``tfds.data_source`` (ImageNet). The
-training order of epoch ``e`` is a permutation drawn from ``(seed, e)``, and the
-augmentation of its step ``i`` from ``(seed, e, i)``, so a resumed run sees exactly the
-batches an uninterrupted run would. On several hosts each process reads only its own slice
-of every global batch.
-
-``train_iterator`` is what the trainer reads: the batches of global steps ``start_step ..
-total_steps - 1``, built on demand in the calling thread (``workers=0``) or prepared ahead
-in grain worker processes (``workers >= 1``; the augmentations hold the GIL, so threads do
-not scale). Batch ``s`` is a pure function of ``s`` (:func:`train_batch`, one step of
-``Dataset.train_batches``), so the result does not depend on the number of workers and the
-step alone is the iterator's whole state.
+A source has ``len()`` and fancy indexing returning ``(images, labels)``. Epoch ``e``'s
+order is drawn from ``(seed, e)`` and its step ``i``'s augmentation from ``(seed, e, i)``,
+so batch ``s`` is a pure function of ``s`` (:func:`train_batch`): a resumed run sees the
+batches an uninterrupted one would, whatever the number of workers or hosts.
 """
 from __future__ import annotations
 
@@ -49,11 +40,8 @@ Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A train/test pair of sources with their transforms.
-
-    ``image_shape`` is one example's model input ``(H, W, C)``; ``time_steps`` is the
-    number of frames of an event dataset (its batches are ``[T, B, H, W, C]``), else None.
-    """
+    """A train/test pair of sources with their transforms. ``image_shape`` is one example's
+    model input; ``time_steps`` the frames of an event dataset (``[T, B, ...]``), or None."""
 
     name: str
     train: object
@@ -69,12 +57,8 @@ class Dataset:
 
     def train_batches(self, *, epoch: int, batch_size: int, seed: int, start_step: int = 0,
                       process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-        """Batches of ``epoch`` from step ``start_step`` of that epoch on.
-
-        With ``process_count > 1`` this process reads and augments only its own slice
-        (``batch_size // process_count`` examples) of every global batch; its augmentation
-        stream is seeded by its index as well.
-        """
+        """Batches of ``epoch`` from step ``start_step`` on; with ``process_count > 1``
+        this process's slice of each, augmented from a stream seeded by its index too."""
         steps = self.steps_per_epoch(batch_size)
         order = _epoch_order(len(self.train), seed, epoch)
         for i in range(start_step, steps):
@@ -101,9 +85,8 @@ class Dataset:
 
 @functools.lru_cache(maxsize=2)
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The training order of ``epoch``: a permutation of ``range(n)`` drawn from
-    ``(seed, epoch)``. Cached (read-only) because :func:`train_batch` asks for it once per
-    step, and drawing it costs O(n) (tens of ms for ImageNet's 1.28M examples)."""
+    """The training order of ``epoch``, a permutation drawn from ``(seed, epoch)``; cached
+    (read-only), as :func:`train_batch` asks for it every step and drawing it is O(n)."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
     order.setflags(write=False)
     return order
@@ -117,18 +100,16 @@ def _local(indices: np.ndarray, process_index: int, process_count: int) -> np.nd
 
 def train_batch(dataset: Dataset, step: int, *, batch_size: int, seed: int,
                 process_index: int = 0, process_count: int = 1) -> dict:
-    """The batch of global step ``step`` (epoch ``step // steps_per_epoch``): the first batch
-    ``Dataset.train_batches`` yields from there, so that ``train_batches`` stays the one
-    definition of every batch. Pure, so grain may compute any step in any process."""
+    """The batch of global step ``step``, the first ``Dataset.train_batches`` yields from
+    there (one definition of every batch); pure, so any process may compute any step."""
     epoch, i = divmod(step, dataset.steps_per_epoch(batch_size))
     return next(dataset.train_batches(epoch=epoch, batch_size=batch_size, seed=seed,
                                       start_step=i, process_index=process_index,
                                       process_count=process_count))
 
 
-# Batches each worker holds ready: enough to hide one slow batch, few enough that ImageNet
-# batches (150 MB as float32) fit in memory. A worker also has one in progress, so W
-# workers hold about 3 W batches.
+# Batches each worker holds ready: enough to hide one slow batch, few enough that W workers'
+# ImageNet batches (about 3 W, with the ones in progress) fit in memory.
 AHEAD = 2
 
 
@@ -136,20 +117,16 @@ class DataWorkerError(RuntimeError):
     """A data worker process died (killed, out of memory, or ``os._exit`` in a transform)."""
 
 
-# How grain 0.2.18 words a dead worker (ProcessPrefetchDatasetIterator.__next__); a test
-# kills a worker, so a grain upgrade that rewords it fails there rather than going unnoticed.
+# grain 0.2.18's words for a dead worker; a test kills one, so a rewording is caught there.
 _GRAIN_WORKER_DIED = "Worker process was terminated unexpectedly"
 
 
 def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps: int,
                    start_step: int = 0, process_index: int = 0, process_count: int = 1,
                    workers: int = 0) -> "TrainIterator":
-    """The batches of global steps ``start_step .. total_steps - 1``, across epochs, each
-    exactly as :func:`train_batch` (and so ``Dataset.train_batches``) defines it, whatever
-    ``workers`` is. ``workers=0`` builds each batch in this thread when it is asked for
-    (see :func:`_batches_from` for why no thread); ``workers >= 1`` prepares them ahead in
-    that many grain worker processes. Close it (or use ``with``) to stop the workers;
-    ``get_state()`` / ``set_state()`` checkpoint and restore its position."""
+    """The batches of global steps ``start_step .. total_steps - 1`` (:func:`train_batch`),
+    built in this thread when asked for (``workers=0``) or ahead in that many grain worker
+    processes. Close it (or use ``with``) to stop the workers."""
     for name, value, low in (("batch_size", batch_size, 1), ("total_steps", total_steps, 0),
                              ("start_step", start_step, 0), ("workers", workers, 0)):
         checks.check_int(name, value, low)
@@ -166,18 +143,10 @@ def train_iterator(dataset: Dataset, *, batch_size: int, seed: int, total_steps:
 
 
 class TrainIterator:
-    """Training batches by global step, in line or from grain's workers (see
-    :func:`train_iterator`).
-
-    Its state is ``{"step": next step}``: JSON-serialisable, a few bytes, and valid for any
-    number of workers, because each batch is a pure function of its step. grain's own
-    iterator state would work too, but it describes grain's per-worker interleaving, so it
-    could not be restored with a different ``workers`` (such as 0, to debug). ``set_state``
-    restarts from that step (worker processes, if any, start again on the next batch).
-
-    Hand-written around grain only to add what grain lacks: that state, and a
-    :class:`DataWorkerError` that says what to do when a worker dies.
-    """
+    """Training batches by global step (:func:`train_iterator`), around grain for two
+    things it lacks: a state, ``{"step": next step}``, that holds for any number of workers
+    (grain's describes its per-worker interleaving), and a :class:`DataWorkerError` that
+    says what to do when a worker dies."""
 
     def __init__(self, batch_at: Callable[[int], dict], total_steps: int, workers: int):
         self._batch_at, self._total_steps, self._workers = batch_at, total_steps, workers
@@ -234,68 +203,44 @@ class TrainIterator:
 
 def _batches_from(batch_at: Callable[[int], dict], start: int, stop: int,
                   workers: int) -> Iterator[dict]:
-    """``batch_at(s)`` for ``s`` in ``[start, stop)``, in order: grain's dataset, prepared
-    in ``workers`` processes, or with ``workers=0`` a plain generator in this thread.
-
-    ``mp_prefetch`` gives worker ``w`` of ``W`` the steps ``start + w, start + w + W, ...``
-    and reads the workers round-robin, so the order is the steps' whatever ``W`` is.
-
-    With ``workers=0`` there is no background thread: JAX dispatches a step
-    asynchronously, so the trainer already builds the next batch while the device computes
-    this step, and a Python thread only adds GIL hand-overs. On the CPU backend, whose cores
-    are the device, one grain thread made the training loop slower (vgg_tiny, 2 cores:
-    116 to 193 steps/s against 154 to 238 built in line; docs/RESULTS.md section 12). Nor
-    is grain's in-line iterator used: with nothing to prefetch it only adds its per-element
-    statistics and wrappers, half again the cost of building a batch (a digits batch: 92
-    against 60 us; docs/RESULTS.md section 12), host time taken from the device's cores.
-    """
+    """``batch_at(s)`` for ``s`` in ``[start, stop)``, in order: prepared in ``workers``
+    grain processes (read round-robin), or a plain generator in this thread. Neither a
+    prefetch thread nor grain's in-line iterator: JAX dispatches steps asynchronously, so
+    the next batch is built while the device computes, and either would only add host work
+    (docs/RESULTS.md, "The training loop against a bare loop")."""
     if workers == 0:
         return (batch_at(step) for step in range(start, stop))
     _prepare_grain_workers()
     in_line = grain.MapDataset.range(start, stop).map(batch_at).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    # Inside a worker no threads: its process loop computes one batch at a time into a queue
-    # of AHEAD - 1, and grain's reader thread for it in this process holds one more.
+    # A worker fills a queue of AHEAD - 1; grain's reader thread here holds one more.
     return in_line.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=AHEAD - 1),
         worker_init_fn=_ignore_stop_signals)
 
 
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
-    """In each worker: ignore Ctrl-C and SIGTERM. A terminal's Ctrl-C and many schedulers'
-    preemption SIGTERM reach the whole process group; the trainer answers them by finishing
-    its step and checkpointing, which needs the workers alive. The trainer stops them."""
+    """In each worker, ignore Ctrl-C and SIGTERM, which reach the whole process group: the
+    trainer answers them by checkpointing, which needs the workers alive, then stops them."""
     del worker_index, worker_count
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _prepare_grain_workers() -> None:
-    """Work around two gaps of grain 0.2.18's worker processes.
-
-    1. Starting a worker reads the absl flag ``--grain_enable_multiprocess_worker_profiling``,
-       which raises ``UnparsedFlagAccessError`` in a program that never parsed absl flags
-       (pytest, argparse scripts). Marking them parsed gives every flag its default; a later
-       ``absl.app.run`` still parses its command line as usual.
-    2. A worker that exits with status 0 would leave the consumer waiting forever: see
-       :func:`_worker_failed`, which replaces grain's check (a test covers it, so a grain
-       upgrade that renames the method fails there).
-    """
+    """Work around two gaps of grain 0.2.18's workers: starting one reads an absl flag,
+    which raises in a program that never parsed absl flags (marking them parsed gives their
+    defaults), and one that exits with status 0 would hang the consumer
+    (:func:`_worker_failed`)."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     process_prefetch.ProcessPrefetchDatasetIterator._process_failed = _worker_failed
 
 
 def _worker_failed(self) -> bool:
-    """Whether the worker of grain's ``ProcessPrefetchDatasetIterator`` ``self`` died.
-
-    grain asks this when the worker's queue stays empty for a second, and by itself counts a
-    non-zero exit status only: a worker that exits with status 0 (``os._exit(0)`` or
-    ``sys.exit()`` in a transform, a native library's ``exit(0)``) hangs the consumer. A
-    worker never exits on its own while it is being read (after its last batch it idles
-    until stopped, and an error it sends first stays in its queue), so any exit with nothing
-    left in its queue is a death; grain then raises its usual error.
-    """
+    """Whether the worker of grain's ``ProcessPrefetchDatasetIterator`` ``self`` died: grain
+    counts only a non-zero exit, but a worker never exits on its own while it is read, so
+    any exit with nothing left in its queue is a death."""
     process = self._prefetch_process
     if process is None or process.exitcode is None:
         return False
