@@ -35,9 +35,10 @@ def test_rate_gradient_equals_bptt_at_T1(tiny_name, reset, step_mode):
     assert float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(g_bptt)[0])) > 1e-3
 
 
-@pytest.mark.parametrize("step_mode", ["multi", "single"])
+@pytest.mark.parametrize("step_mode", ["multi", pytest.param("single", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("ties", layers.POOL_TIES)
-@pytest.mark.parametrize("name", ["sew_resnet_tiny", "preact_resnet_tiny"])
+@pytest.mark.parametrize("name", ["sew_resnet_tiny",
+                                  pytest.param("preact_resnet_tiny", marks=pytest.mark.slow)])
 def test_every_method_equals_bptt_at_T1_under_either_pool_tie_rule(name, ties, step_mode):
     """The max-pool tie rule is the same in the spike pass (BPTT, SLTT, OTTT) and the rate
     pass, so T=1 exactness holds under each rule. (SEW-ResNet pools spikes, so its windows

@@ -74,6 +74,7 @@ def test_notebook_stored_as_one_clean_run(path):
 UNOPTIMISED_NOTEBOOKS = {"01_bptt_vs_rate_gradients", "03_memory_and_time"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, tmp_path, monkeypatch):
     if path.stem in UNOPTIMISED_NOTEBOOKS:  # the kernel inherits the environment

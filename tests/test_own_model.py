@@ -51,6 +51,7 @@ def test_own_model_rate_pass_logits_equal_spike_pass_time_mean_at_T4(step_mode):
     np.testing.assert_allclose(logits_rate, logits_spike, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_main_trains_own_model_from_the_working_directory(tmp_path):
     """As a researcher would: their package in their folder, main.py from elsewhere."""
     shutil.copytree(os.path.join(ROOT, "examples"), tmp_path / "mypkg")

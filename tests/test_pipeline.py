@@ -120,6 +120,7 @@ def test_two_workers_give_the_same_batches_and_state_across_an_epoch_boundary():
     assert not grain_workers()
 
 
+@pytest.mark.slow
 def test_workers_read_only_their_process_slice():
     ds = tiny_dataset()
     run = functools.partial(pipeline.train_iterator, ds, batch_size=BATCH, seed=SEED,
@@ -138,6 +139,7 @@ def test_workers_read_only_their_process_slice():
         np.testing.assert_array_equal(np.concatenate([a["label"], b["label"]]), w["label"])
 
 
+@pytest.mark.slow
 def test_workers_keep_working_through_ctrl_c_and_sigterm():
     """The trainer answers Ctrl-C (sent to the whole process group) and SIGTERM by
     checkpointing after its step, which needs the next batches."""
@@ -183,6 +185,7 @@ print(json.dumps({"error": error, "state": it.get_state(), "workers": len(t.grai
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "os._exit(0)"])
 def test_a_dying_worker_is_a_clear_error_not_a_hang(how):
     child = subprocess.Popen([sys.executable, "-c", DYING_WORKER, os.path.dirname(__file__),

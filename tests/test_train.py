@@ -50,6 +50,7 @@ def test_the_step_on_leaves_is_the_step_on_the_state():
         jax.jit(grows)(jax.tree.leaves(state), batch)
 
 
+@pytest.mark.slow
 def test_training_writes_records_and_learns(tmp_path):
     config = tiny_config(num_train_steps=0, num_epochs=2, plots=True)
     summary = train.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
@@ -98,6 +99,7 @@ def _final_params(workdir):
     return restored["params"], int(restored["step"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,workers", [("rate", 0), ("bptt", 0), ("rate", 2)])
 def test_interrupted_run_resumes_to_identical_parameters(tmp_path, method, workers):
     """With or without data worker processes (grain), and compared with a run that used
@@ -157,6 +159,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_give_the_same_step_as_one():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags_with_host_devices(4))
     proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True,

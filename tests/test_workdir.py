@@ -97,6 +97,7 @@ def needs_downloaded_data_or_hosts(args) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_the_readme_training_examples_each_leave_their_own_record(tmp_path):
     commands = [shlex.split(c)[2:] for c in readme_training_commands()]
     runnable = [args for args in commands if not needs_downloaded_data_or_hosts(args)]

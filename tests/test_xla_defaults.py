@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import ratebp_jax
 
@@ -67,6 +68,7 @@ def assert_same_results(a, b):
             np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * max(np.abs(y).max(), 1e-12))
 
 
+@pytest.mark.slow
 def test_defaults_leave_gradients_logits_and_inference_unchanged():
     """The defaults move convolutions from YNNPACK to XLA's Eigen convolution, whose sums run
     in another order: results agree to float32 rounding, not bit for bit. The check is
@@ -78,6 +80,7 @@ def test_defaults_leave_gradients_logits_and_inference_unchanged():
     assert_same_results(with_defaults, without)
 
 
+@pytest.mark.slow
 def test_the_suites_xla_flags_give_what_users_get():
     """The suite compiles with conftest.TEST_XLA_FLAGS (the older fusion emitters, for
     compile time); users run the package's defaults alone. Both agree to float32 rounding,
