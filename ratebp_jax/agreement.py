@@ -1,21 +1,15 @@
 """Gradient agreement with BPTT, logged while a network trains.
 
-Every ``config.grad_agreement_every_steps`` steps the trainer hands :class:`AgreementLogger`
-the batch, parameters and BatchNorm statistics that the next train step is about to use.
-It computes BPTT's gradient and each listed method's on them, at the run's T and step mode,
-in a program of its own (never the train step's), and writes one line per method to
-``grad_agreement.jsonl``::
+Every ``config.grad_agreement_every_steps`` steps, :class:`AgreementLogger` compares each
+listed method's gradient with BPTT's on the batch, parameters and statistics the next train
+step will use, in a program of its own whose results are thrown away (so logging changes
+nothing in the run), and writes one line per method to ``grad_agreement.jsonl``::
 
     {"step", "method", "reference": "bptt", "T", "step_mode", "cosine", "norm_ratio",
      "layers": {LAYER: {"cosine", "norm_ratio"}}}
 
-``step`` counts the updates made before that batch (0: the initial weights). The layers
-(``analysis.layer_groups``) are in network order, input to output. The new BatchNorm
-statistics and everything else these gradients produce are thrown away, so a run logs the
-same parameters, statistics and metrics with logging on as off.
-
-The comparison is reduced on the device to three numbers per parameter, ``<g, g_bptt>``,
-``|g|^2`` and ``|g_bptt|^2``, so only those cross to the host, not the gradients.
+``step`` counts the updates before that batch; layers are in network order. Only three
+numbers per parameter cross to the host: ``<g, g_bptt>``, ``|g|^2`` and ``|g_bptt|^2``.
 """
 from __future__ import annotations
 
@@ -125,8 +119,9 @@ def _leaf_names(params) -> list[str]:
 
 
 def plot_agreement(records: list[dict], path: str) -> None:
-    """Cosine with BPTT against step: one panel per method, one line per layer coloured by
-    its depth (input dark, output light), the overall cosine dashed in black."""
+    """Cosine with BPTT against step: one panel per method, all on one y-axis so that methods
+    compare at a glance, one line per layer coloured by its depth (input dark, output
+    light; the colour bar names the layers), the overall cosine dashed in black."""
     import matplotlib
     from matplotlib import cm, colors
     from matplotlib.figure import Figure
@@ -137,7 +132,7 @@ def plot_agreement(records: list[dict], path: str) -> None:
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
     fig = Figure(figsize=(5.5 * len(by_method) + 1, 3.8))
-    axes = fig.subplots(1, len(by_method), squeeze=False)[0]
+    axes = fig.subplots(1, len(by_method), squeeze=False, sharey=True)[0]
     cmap = matplotlib.colormaps["viridis"]
     for ax, (method, rs) in zip(axes, by_method.items()):
         rs = sorted(rs, key=lambda r: r["step"])
@@ -153,8 +148,9 @@ def plot_agreement(records: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
         bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax)
-        bar.set_label(f"layer depth (0 = {layers[0]}, {len(layers) - 1} = {layers[-1]})",
-                      fontsize=7)
+        every = max(1, len(layers) // 24)  # at most about 24 names per bar
+        bar.set_ticks(range(0, len(layers), every), labels=layers[::every], fontsize=6)
+        bar.set_label("layer", fontsize=7)
     fig.tight_layout()
     wd.save_figure_atomic(fig, path)
 
