@@ -49,28 +49,18 @@ def compare_gradients(grads, grads_ref, layers: list | None = None) -> dict:
     """Compare ``grads`` with the reference ``grads_ref`` (same tree structure), in float64.
 
     Returns ``{"cosine", "norm_ratio", "norm", "norm_ref", "max_rel_err", "max_zero_err",
-    "per_param"}`` over all parameters together, with ``per_param`` a list of ``{"name",
-    "cosine", "norm_ratio", "norm", "norm_ref", "rel_err", "structurally_zero"}`` in path
-    order.
+    "per_param"}`` over all parameters, ``per_param`` a list of ``{"name", "cosine",
+    "norm_ratio", "norm", "norm_ref", "rel_err", "structurally_zero"}`` in path order.
 
     ``rel_err = ||g - g_ref|| / max(||g_ref||, REL_ERR_FLOOR * ||G_ref||)``, ``G_ref`` the
-    whole reference gradient, as the parity checker measures it. Without the floor, a
-    parameter whose true gradient is zero, such as the bias of a convolution that feeds a
-    BatchNorm (the normalisation subtracts any constant shift), divides rounding noise by
-    rounding noise: ``rel_err`` 1.4 at T=1 where the whole gradient agrees to 2e-6. Such a
-    parameter, whose reference norm is under the floor, is marked ``structurally_zero``.
+    whole reference gradient, as the parity checker measures it: a parameter whose true
+    gradient is zero (a conv bias feeding a BatchNorm) would otherwise divide rounding noise
+    by rounding noise. Such a parameter, under the floor, is ``structurally_zero``; even
+    floored its ``rel_err`` is noise, so ``max_rel_err`` leaves it out and ``max_zero_err``
+    measures it against the whole gradient, ``max ||g - g_ref|| / ||G_ref||``.
 
-    Even floored, such a parameter's ``rel_err`` is rounding noise, only divided by a
-    number 1000 times smaller than the gradient: in float32, single step mode, T=1, its two
-    gradients differ by about 1e-8 of ``||G_ref||`` (0.1 ulp), which the floor turns into
-    1e-5 to 3e-5 (preact_resnet_tiny 1.7e-5, vgg11 2.9e-5) while every other parameter
-    agrees to 1e-6. So ``max_rel_err`` is the largest ``rel_err`` of the other parameters,
-    and ``max_zero_err`` measures the structurally zero ones on the scale of the whole
-    gradient, ``max ||g - g_ref|| / ||G_ref||``.
-
-    With ``layers`` (``[(layer, [parameter names])]``, see :func:`layer_groups`) it adds
-    ``per_layer`` (``{"name", "params", "cosine", "norm_ratio", "norm", "norm_ref"}``, in
-    that order) and ``hidden`` (:func:`hidden_summary`).
+    With ``layers`` (:func:`layer_groups`) it adds ``per_layer`` (``{"name", "params",
+    "cosine", "norm_ratio", "norm", "norm_ref"}``) and ``hidden`` (:func:`hidden_summary`).
     """
     named, named_ref = named_leaves(grads), named_leaves(grads_ref)
     assert [n for n, _ in named] == [n for n, _ in named_ref], "different parameter trees"
@@ -158,13 +148,10 @@ def hidden_summary(per_layer: list[dict]) -> dict:
 def layer_groups(net, params, batch_stats, image_shape) -> list[tuple[str, list[str]]]:
     """The network's layers, from input to output: ``[(name, [parameter names])]``.
 
-    A layer is one convolution or dense layer and the BatchNorm that normalises its output
-    (the next BatchNorm in network order); a BatchNorm that follows no such layer, or any
-    other module with parameters, is a layer of its own. A layer is named by the dotted path
-    its modules share (``stages.0.0.unit1.conv_bn`` for a ConvBN), or by its first module's
-    path when they share none. Network order is the order in which the forward pass first
-    uses each parameter (read from its jaxpr, at T=1 on an abstract batch of
-    ``image_shape``), not the alphabetical order of the parameter tree.
+    A layer is a convolution or dense layer with the BatchNorm that follows it; any other
+    module with parameters is a layer of its own. It is named by the dotted path its modules
+    share, or its first module's. The order is that of first use in the T=1 forward pass
+    (read from its jaxpr on an abstract ``image_shape`` batch), not the parameter tree's.
     """
     from ratebp_jax import layers as snn_layers
 
@@ -243,9 +230,8 @@ def _first_uses(jaxpr, watched: dict, counter: list) -> dict:
 
 def random_batch(key, batch: int, image_size: int, channels: int, num_classes: int,
                  scale: float = 1.0) -> dict:
-    """``{"image": N(0, scale^2) [B, S, S, C], "label": uniform [B]}`` for probing methods
-    (non-partitionable threefry, which XLA:CPU compiles several times faster; see
-    ``models.create_model``)."""
+    """``{"image": N(0, scale^2) [B, S, S, C], "label": uniform [B]}`` for probing methods,
+    drawn with the threefry XLA:CPU compiles faster (``models.create_model``)."""
     key_x, key_y = jax.random.split(key)
     with jax.threefry_partitionable(False):
         return {"image": scale * jax.random.normal(key_x, (batch, image_size, image_size,
