@@ -61,6 +61,7 @@ def test_event_values_equal_the_metrics_records(uninterrupted):
         (r["step"], pytest.approx(r["cosine"], rel=1e-6)) for r in agreement]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [3, 5, 7])
 def test_a_resumed_run_shows_each_per_epoch_scalar_once(uninterrupted, tmp_path, stop):
     workdir = str(tmp_path)
