@@ -412,6 +412,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
                 close_epoch(run, progress, timing)
     except NonFiniteError as e:
         _wait_for_saves(run)
+        wd.mark_state(run.workdir, "stopped", progress.step, reason="non-finite loss")
         raise NonFiniteError(f"{e}. {_checkpoint_kept(run.workdir)}; set nan_policy='skip' "
                              f"to skip such batches") from None
     finally:
@@ -420,6 +421,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
         _wait_for_saves(run)
         stop.restore()
     if progress.interrupted:
+        wd.mark_state(run.workdir, "interrupted", progress.step)
         log(f"interrupted at step {progress.step}: checkpoint written; rerun the same command "
             f"to resume")
         return summarize(run, progress, artefacts=[])
@@ -478,6 +480,7 @@ def open_workdir(run: Run, state) -> Progress:
     wd.reconcile_best(run.best, history, state, restored)
     run.tracker = tracking.open_tracker(run.workdir, config, restored)
     wd.write_config(run.workdir, config, run.fingerprint)
+    wd.mark_state(run.workdir, "running", restored or 0)
     if restored is not None:
         run.log(f"resumed from step {restored} in {run.workdir}")
     return Progress(jax.tree.leaves(state), int(state["step"]), history,

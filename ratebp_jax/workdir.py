@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 
 import jax
@@ -30,6 +31,7 @@ CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 FINGERPRINT_KEY = "data_fingerprint"  # in config.json, beside the config's fields
+STATE_FILE = "run_state.json"  # running or stopped, by whom; summary.json marks completion
 
 
 class RunMismatch(ValueError):
@@ -104,6 +106,16 @@ def completed_summary(workdir: str, total_steps: int) -> dict | None:
     if not all(os.path.exists(os.path.join(workdir, f)) for f in summary.get("artefacts", [])):
         return None
     return summary
+
+
+def mark_state(workdir: str, state: str, step: int, **details) -> None:
+    """``run_state.json``: whether the run is ``running`` or how it stopped (``interrupted``,
+    ``stopped``), at which step, and which process on which host runs it, so that a reader
+    can tell a run that trains from one that was killed (see ``report.run_state``)."""
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, STATE_FILE),
+                          {"state": state, "step": step, "pid": os.getpid(),
+                           "host": socket.gethostname(), "time": time.time(), **details})
 
 
 def last_checkpoint(workdir: str) -> int | None:
