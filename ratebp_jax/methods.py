@@ -45,13 +45,21 @@ def split_model(model: nnx.Module):
     return Network(graphdef, transient), params, batch_stats
 
 
+def is_sequence(images) -> bool:
+    """Whether a batch is time-major: ``[T, B, H, W, C]`` frames or ``[T, B, F]`` feature
+    vectors, rather than ``[B, H, W, C]`` images or ``[B, F]`` vectors fed at every step."""
+    return images.ndim in (3, 5)
+
+
 def check_images(images, T: int):
-    """Validate a batch: ``[B, H, W, C]`` static images, or a ``[T, B, H, W, C]`` sequence."""
-    if images.ndim == 5 and images.shape[0] != T:
-        raise ValueError(f"image: time axis has {images.shape[0]} steps but T={T}")
-    if images.ndim not in (4, 5):
+    """Validate a batch: ``[B, H, W, C]`` static images or a ``[T, B, H, W, C]`` sequence,
+    or feature vectors, ``[B, F]`` static or a ``[T, B, F]`` sequence."""
+    if images.ndim not in (2, 3, 4, 5):
         raise ValueError(
-            f"image: expected [B, H, W, C] or [T, B, H, W, C], got shape {images.shape}")
+            f"image: expected [B, H, W, C] or [T, B, H, W, C] images, or [B, F] or "
+            f"[T, B, F] feature vectors, got shape {images.shape}")
+    if is_sequence(images) and images.shape[0] != T:
+        raise ValueError(f"image: time axis has {images.shape[0]} steps but T={T}")
     return images
 
 
@@ -61,7 +69,7 @@ def check_batch(batch, T: int):
         raise TypeError("batch: expected a dict with 'image' and 'label'")
     images = check_images(batch["image"], T)
     labels = batch["label"]
-    n = images.shape[1] if images.ndim == 5 else images.shape[0]
+    n = images.shape[1] if is_sequence(images) else images.shape[0]
     if labels.shape != (n,):
         raise ValueError(f"label: expected shape ({n},) to match the image batch, got "
                          f"{tuple(labels.shape)}")
@@ -72,15 +80,16 @@ def check_batch(batch, T: int):
 
 
 def time_major(images, T: int):
-    """``[B, ...]`` static images become ``[T, B, ...]``; a 5-D input is taken as time-major."""
+    """``[B, ...]`` static images become ``[T, B, ...]``; a sequence (:func:`is_sequence`)
+    is already time-major."""
     images = check_images(images, T)
-    return images if images.ndim == 5 else jnp.broadcast_to(images, (T,) + images.shape)
+    return images if is_sequence(images) else jnp.broadcast_to(images, (T,) + images.shape)
 
 
 def time_mean(images, T: int):
     """The rate pass's input: the time mean of the input (a static image is its own mean)."""
     images = check_images(images, T)
-    return images.mean(0) if images.ndim == 5 else images
+    return images.mean(0) if is_sequence(images) else images
 
 
 def logits_of(model, x, ctx: Ctx):
@@ -103,7 +112,7 @@ def simulate(net: Network, params, batch_stats, images, ctx: Ctx):
         return logits.reshape((T, B, -1)).mean(0), batch_stats, after.transient
 
     images = check_images(images, T)
-    static = images.ndim == 4  # fed at every step without materialising T copies
+    static = not is_sequence(images)  # fed at every step without materialising T copies
 
     def step(carry, x_B):
         batch_stats, transient, logits_sum = carry
@@ -365,7 +374,7 @@ def _spatial_grads_single(run, net: Network, T: int, params, batch_stats, images
     """A scan over t whose body adds step t's gradient to a carry, so nothing per step is
     kept; steps off the SLTT-K ``mask`` run forward only. Returns as
     :func:`_spatial_grads_multi`."""
-    static = images.ndim == 4  # fed at every step without materialising T copies
+    static = not is_sequence(images)  # fed at every step without materialising T copies
     zero_grads = jax.tree.map(jnp.zeros_like, params)
 
     def step(carry, xs):

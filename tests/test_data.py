@@ -19,7 +19,7 @@ from configs import default  # noqa: E402
 
 CONFIGS = ["default", "cifar10_resnet18", "cifar100_resnet18", "cifar10_resnet19",
            "cifar10_vgg11", "cifar10dvs_vggsnn", "imagenet_sew_resnet34",
-           "imagenet_preact_resnet34", "nmnist_vgg"]
+           "imagenet_preact_resnet34", "nmnist_vgg", "dvsgesture_vggsnn", "shd_mlp"]
 
 
 def config_with(**fields):
@@ -292,15 +292,16 @@ def test_every_config_is_valid_and_builds_its_model(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert isinstance(config, ml_collections.ConfigDict) and config.name == name
     train.validate_config(config)
-    in_channels = 2 if config.dataset in ("cifar10_dvs", "nmnist") else \
+    in_channels = 2 if config.dataset in ("cifar10_dvs", "nmnist", "dvsgesture") else \
         (1 if config.dataset == "digits" else 3)
-    num_classes = {"cifar100": 100, "imagenet": 1000}.get(config.dataset, 10)
+    num_classes = {"cifar100": 100, "imagenet": 1000, "dvsgesture": 11,
+                   "shd": 20}.get(config.dataset, 10)
     size = config.image_size or {"digits": 8}.get(config.dataset, 32)
-    model = nnx.eval_shape(lambda: models.create_model(
-        config.model, num_classes=num_classes, in_channels=in_channels, image_size=size))
+    shape = (700,) if config.dataset == "shd" else (size, size, in_channels)
+    model = nnx.eval_shape(lambda: train.create_model(config, shape, num_classes))
     # The model takes the dataset's images and gives one logit per class (abstractly).
     net, params, stats = methods.split_model(model)
-    images = jax.ShapeDtypeStruct((1, size, size, in_channels), np.float32)
+    images = jax.ShapeDtypeStruct((1, *shape), np.float32)
     logits, _ = jax.eval_shape(lambda p, s, x: methods.spike_inference(
         net, p, s, x, T=1, step_mode=config.step_mode), params, stats, images)
     assert logits.shape == (1, num_classes)

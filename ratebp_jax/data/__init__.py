@@ -7,7 +7,10 @@
 | cifar10, cifar100 | ``tfds.data_source`` (array_record) | tensorflow-datasets, array-record (pinned); tensorflow-cpu once, to prepare |
 | imagenet | as above, manual download | as above |
 | cifar10_dvs | tonic's CIFAR10DVS -> T frames | tonic (pinned) |
-| nmnist | npz event files in ``config.data_path`` | nothing extra |
+| dvsgesture | tonic's DVSGesture (DVS128 Gesture) -> T frames | tonic (pinned) |
+| shd | tonic's SHD (Spiking Heidelberg Digits) -> T bins of 700 channels | tonic, h5py (pinned) |
+| events_npz | npz event files of any camera in ``config.data_path`` | nothing extra |
+| nmnist | N-MNIST as events_npz files | nothing extra |
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ LOADERS: dict[str, Callable] = {
     "cifar100": tfds_datasets.load_cifar,
     "imagenet": tfds_datasets.load_imagenet,
     "cifar10_dvs": events.load_cifar10_dvs,
+    "dvsgesture": events.load_dvsgesture,
+    "shd": events.load_shd,
+    "events_npz": events.load_events_npz,
     "nmnist": events.load_nmnist,
 }
 

@@ -20,7 +20,8 @@ import hashlib
 import os
 import re
 
-# The event-frame cache that events.load_cifar10_dvs writes into data_dir.
+# The event-frame caches that events.load_cifar10_dvs writes into data_dir and
+# events.load_dvsgesture into data_dir/DVSGesture.
 _DERIVED = re.compile(r"^frames_T\d+_\d+(\.tmp)?\.npz$")
 
 
@@ -63,7 +64,7 @@ def _npz(config) -> dict:
     return file_fingerprint(config.data_path) if os.path.isfile(config.data_path) else {}
 
 
-def _nmnist(config) -> dict:
+def _event_npz_folder(config) -> dict:
     folder = config.data_path
     if not os.path.isdir(folder):
         return {}
@@ -73,6 +74,14 @@ def _nmnist(config) -> dict:
 
 def _tonic_folder(config) -> dict:
     return listing_fingerprint(config.data_dir) if os.path.isdir(config.data_dir) else {}
+
+
+def _tonic_dataset(name: str):
+    """The source files of tonic dataset ``name``, in ``data_dir/name`` (tonic's place)."""
+    def fingerprint(config) -> dict:
+        folder = os.path.join(config.data_dir, name)
+        return listing_fingerprint(folder) if config.data_dir and os.path.isdir(folder) else {}
+    return fingerprint
 
 
 def _tfds(name: str):
@@ -95,7 +104,10 @@ FINGERPRINTS = {
     "cifar100": _tfds("cifar100"),
     "imagenet": _tfds("imagenet2012"),
     "cifar10_dvs": _tonic_folder,
-    "nmnist": _nmnist,
+    "dvsgesture": _tonic_dataset("DVSGesture"),
+    "shd": _tonic_dataset("SHD"),
+    "events_npz": _event_npz_folder,
+    "nmnist": _event_npz_folder,
 }
 
 

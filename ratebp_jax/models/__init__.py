@@ -33,7 +33,7 @@ from flax import nnx
 
 from ratebp_jax import checks
 from ratebp_jax.layers import DEFAULT_POOL_TIES, LIF, MaxPool, check_pool_ties
-from ratebp_jax.models import preact_resnet, resnet, sew_resnet, vgg
+from ratebp_jax.models import mlp, preact_resnet, resnet, sew_resnet, vgg
 from ratebp_jax.neurons import NeuronConfig
 
 _p = functools.partial
@@ -49,6 +49,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "preact_resnet34": _p(preact_resnet.PreActResNet, stage_sizes=(3, 4, 6, 3),
                           widths=(64, 128, 256, 512)),
     "vgg_small": _p(vgg.VGG, spec=vgg.VGG_SMALL),
+    "mlp": _p(mlp.MLP, hidden=(256, 256)),  # SHD: 700 -> 256 -> 256 -> 20
     # Tiny variants: same structure, test-sized.
     "resnet18_tiny": _p(resnet.ResNet, stage_sizes=(1, 1), widths=(4, 8)),
     "resnet19_tiny": _p(resnet.ResNet, stage_sizes=(1, 1), widths=(4, 8), hidden=8),
@@ -56,6 +57,7 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "vggsnn_tiny": _p(vgg.VGG, spec=vgg.VGGSNN_TINY),
     "sew_resnet_tiny": _p(sew_resnet.SEWResNet, stage_sizes=(1, 1), widths=(4, 8)),
     "preact_resnet_tiny": _p(preact_resnet.PreActResNet, stage_sizes=(1, 1), widths=(4, 8)),
+    "mlp_tiny": _p(mlp.MLP, hidden=(8, 8)),
 }
 
 # One tiny stand-in per model family, for the exactness tests.
