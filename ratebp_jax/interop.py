@@ -205,10 +205,9 @@ def import_state_dict(model, state_dict: dict, *, strict: bool = True) -> None:
 
 
 def _replace_value(var, value: np.ndarray) -> None:
-    """Give ``var`` the new array ``value``, placed as its current one was (committed to its
-    devices, or not). Setting the value (not writing into it, ``var[...] = value``) works
-    on an abstract model from ``nnx.eval_shape`` too, and compiles no scatter program per
-    shape."""
+    """Give ``var`` the new array ``value``, placed as its current one was. Set, not written
+    into (``var[...] = value``), which would fail on an abstract model and compile a scatter
+    per shape."""
     current = var.get_value()
     if getattr(current, "committed", False):
         var.set_value(jax.device_put(value, current.sharding))
@@ -218,9 +217,7 @@ def _replace_value(var, value: np.ndarray) -> None:
 
 def reference_shapes(model) -> dict[str, tuple[int, ...]]:
     """The shape of each entry of the reference ``state_dict`` that ``model`` imports and
-    exports, in the reference's key order. Read off the variables' shapes, so an abstract
-    model (``nnx.eval_shape``) will do: no weights need to be drawn to learn what a
-    checkpoint must hold."""
+    exports, in the reference's key order; an abstract model (``nnx.eval_shape``) will do."""
     shapes = {}
     for key, module, attr, kind, chw in _entries(model):
         shape = getattr(module, attr).get_value().shape

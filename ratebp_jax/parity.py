@@ -87,11 +87,10 @@ def input_channels(keys) -> int:
 
 
 def reference_model(vec: dict, keys) -> nnx.Module:
-    """The file's model with the recipe's weights (float32), built without drawing weights:
-    every parameter and buffer is replaced by the import, so the model is built abstractly
-    (``nnx.eval_shape``) and the import gives it its values. That skips compiling and
-    running the initialisers (ResNet-18: 4 s of compilation). Only the scalar placeholders
-    of the spike records, which the import does not name, are made concrete here."""
+    """The file's model with the recipe's weights (float32). The import replaces every
+    parameter and buffer, so the model is built abstractly (``nnx.eval_shape``), skipping
+    the initialisers' compilation (docs/RESULTS.md, "The test suite's time"); only the
+    scalar placeholders of the records, which the import does not name, are made here."""
     model = nnx.eval_shape(lambda: models.create_model(
         vec["arch"], num_classes=vec["num_classes"], in_channels=input_channels(keys),
         image_size=vec["image_size"], neuron=neurons.NeuronConfig(
