@@ -1,23 +1,12 @@
 """The spiking model zoo, and the researcher's own models, resolved by name.
 
-Every constructor (a *factory*) takes the keyword arguments :data:`FACTORY_KWARGS`:
-``num_classes``, ``in_channels``, ``image_size``, ``neuron`` (a
-:class:`~ratebp_jax.neurons.NeuronConfig`) and ``rngs``, and returns an NNX module whose
-``__call__(x_NxHxWxC, ctx)`` gives logits ``[N, K]``. ``*_tiny`` variants keep each
-family's structure at widths 4 to 16 for tests. ``compute_dtype`` (:data:`COMPUTE_DTYPES`)
-is the dtype convolutions and dense layers compute in; see :func:`set_compute_dtype`.
-``pool_ties`` (``layers.POOL_TIES``) is the gradient rule of a max-pooling window with
-several maxima; see :func:`set_pool_ties`.
-
-A model outside the zoo is named by its import path, ``"package.module:Factory"``
-(:func:`resolve`; this is what ``--config.model`` of ``experiments/main.py`` takes), or
-registered under a name of its own with :func:`register` (from a notebook). Its layers must
-follow the layer contract of ``docs/DESIGN.md`` section 4.
-
-A factory's further keyword arguments (those with defaults, such as a zoo alias's
-``widths`` or ``examples/my_snn.py``'s ``width``) are set by ``model_kwargs``
-(``--config.model_kwargs="{'width': 8}"``), checked against its signature by
-:func:`check_model_kwargs` before anything is built.
+Every constructor (a *factory*) takes the keyword arguments :data:`FACTORY_KWARGS` and
+returns an NNX module whose ``__call__(x_NxHxWxC, ctx)`` gives logits ``[N, K]``; its
+further keyword arguments, with defaults, are a config's ``model_kwargs``
+(:func:`check_model_kwargs`). ``*_tiny`` variants keep each family's structure at test
+size. A model outside the zoo is named by its import path ``"package.module:Factory"``
+(:func:`resolve`) or registered by name (:func:`register`); its layers must keep the layer
+contract of docs/DESIGN.md section 4.
 """
 from __future__ import annotations
 
@@ -73,13 +62,9 @@ ZOO = frozenset(MODELS)  # the built-in names, which register() never replaces
 
 
 def register(name: str, factory: Callable[..., nnx.Module]) -> None:
-    """Make ``factory`` (see :data:`FACTORY_KWARGS`) model ``name`` in this process, for
-    :func:`create_model` and a config's ``model`` field, e.g. in a notebook.
-
-    Registering a name again replaces its factory, so a notebook cell can be rerun; the
-    zoo's names cannot be replaced. The registry lives in this process only: for
-    ``experiments/main.py`` name the model by its import path instead (:func:`resolve`).
-    """
+    """Make ``factory`` model ``name`` in this process (a notebook's; ``experiments/main.py``
+    takes an import path instead). Registering a name again replaces its factory, so that a
+    notebook cell can be rerun; the zoo's names cannot be replaced."""
     if not isinstance(name, str) or not name or ":" in name:
         raise ValueError(f"name={name!r}: must be a non-empty name without ':' (a ':' marks "
                          f"an import path, package.module:Factory)")
@@ -90,15 +75,9 @@ def register(name: str, factory: Callable[..., nnx.Module]) -> None:
 
 
 def resolve(name: str) -> Callable[..., nnx.Module]:
-    """The factory of model ``name``: a key of MODELS (the zoo and registered models), or
-    an import path ``"package.module:Factory"``, which imports ``package.module`` and takes
-    its attribute ``Factory`` (a class or function).
-
-    Raises ValueError (TypeError for an attribute that is not callable) naming
-    ``model=...`` and what is allowed when the name is unknown, the module cannot be
-    imported, the attribute is missing or not callable, or it does not take the keyword
-    arguments :data:`FACTORY_KWARGS`.
-    """
+    """The factory of model ``name``: a key of MODELS, or an import path
+    ``"package.module:Factory"``. Raises ValueError (TypeError for an attribute that is not
+    callable) naming ``model=...`` and what is allowed, before anything is built."""
     if not isinstance(name, str) or ":" not in name:
         checks.check_choice("model", name, MODELS, also="an import path package.module:Factory")
         return MODELS[name]
@@ -125,10 +104,9 @@ def resolve(name: str) -> Callable[..., nnx.Module]:
 
 
 def factory_signature(factory) -> inspect.Signature | None:
-    """The signature a call of ``factory`` binds to, or None where there is none to read
-    (a builtin). An NNX module class reports its metaclass's ``(*args, **kwargs)``, so a
-    class is read through its ``__init__`` (without ``self``), and a ``functools.partial``
-    (the zoo's size aliases) through what it wraps, its bound keywords as defaults."""
+    """The signature a call of ``factory`` binds to (None for a builtin): a class's
+    ``__init__`` without ``self``, as an NNX class reports its metaclass's, and a
+    ``functools.partial`` as what it wraps, its bound keywords as defaults."""
     args, keywords = (), {}
     while isinstance(factory, functools.partial):
         args, keywords = factory.args + args, {**factory.keywords, **keywords}
@@ -155,11 +133,9 @@ def model_keywords(name: str) -> tuple[str, ...] | None:
 
 
 def check_model_kwargs(name: str, model_kwargs) -> dict:
-    """``model_kwargs`` (a dict, or a ConfigDict) as a plain dict, checked against model
-    ``name``'s factory before anything is built: string keys it takes (not one of
-    :data:`FACTORY_KWARGS`, which the trainer sets), and values that a JSON record keeps
-    (numbers, strings, booleans, None, lists, tuples and dicts of them). Raises
-    ValueError naming the argument and the allowed names."""
+    """``model_kwargs`` (a dict or ConfigDict) as a plain dict, checked before anything is
+    built: keys model ``name``'s factory takes beyond :data:`FACTORY_KWARGS`, and values
+    config.json keeps. Raises ValueError naming the argument and the allowed names."""
     kwargs = model_kwargs.to_dict() if hasattr(model_kwargs, "to_dict") else model_kwargs
     if not isinstance(kwargs, dict):
         raise ValueError(f"model_kwargs={model_kwargs!r}: must be a dict of keyword "
@@ -229,14 +205,11 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
     ``model_kwargs`` are the factory's own further arguments (:func:`check_model_kwargs`),
     such as a zoo alias's ``widths`` or ``examples/my_snn.py``'s ``width``.
 
-    The weights are drawn with JAX's non-partitionable threefry: XLA:CPU compiles each
-    initialiser's partitionable threefry in 3 to 10 s (0.4 to 0.8 s otherwise), so this
-    one choice takes a tiny model's construction from about 15 s to 2 s. Parameters are
-    created replicated, so the partitionable variant's sharding benefit does not apply.
-    The construction runs under one ``nnx.jit``: one compiled program instead of one per
-    initialiser and shape, with bit-identical weights; resnet18_tiny builds in 1.9 s
-    against 3.5 s, ResNet-18 in 5.1 s against 6.8 s. A factory that needs concrete
-    values while it builds (a ``ConcretizationTypeError`` under the trace) runs eagerly.
+    The weights are drawn with JAX's non-partitionable threefry, which XLA:CPU compiles
+    several times faster (parameters are created replicated, so the partitionable variant's
+    sharding does not apply), under one ``nnx.jit``: one program instead of one per
+    initialiser and shape, with the same weights. A factory that needs concrete values
+    while it builds runs eagerly.
     """
     factory = resolve(name)
     kwargs = check_model_kwargs(name, model_kwargs or {})
@@ -267,20 +240,13 @@ def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3,
 
 
 def set_compute_dtype(model: nnx.Module, compute_dtype: str) -> nnx.Module:
-    """Make every ``nnx.Conv`` and ``nnx.Linear`` of ``model`` compute in ``compute_dtype``
-    (in place; returns ``model``). Mixed precision, with float32 master weights:
+    """Make every ``nnx.Conv`` and ``nnx.Linear`` of ``model`` compute in ``compute_dtype``,
+    and its LIF layers return their spikes in it (in place; returns ``model``).
 
-    * The parameters stay float32, so the optimiser state does too. A layer casts its
-      input, kernel and bias to ``compute_dtype`` and returns that dtype; the cast's
-      transpose brings each parameter's gradient back as float32.
-    * LIF and BatchNorm layers cast their input to float32 and compute in it (see
-      ``layers.at_least_float32`` for why), and the methods average the logits over time
-      and take the loss in float32. LIF layers return their spikes, exact in bfloat16, in
-      ``compute_dtype`` (see ``layers.LIF``).
-
-    ``"float32"`` unsets the layers' dtype (Flax's default: they compute in the dtype of
-    their parameters), so float32 programs are exactly what they were without this
-    function, and the float64 parity runs stay float64.
+    Parameters, and so gradients and optimiser state, stay float32; LIF and BatchNorm
+    compute in float32 (``layers.at_least_float32``). ``"float32"`` unsets the layers'
+    dtype (they compute in their parameters'), so float32 programs are unchanged and the
+    float64 parity runs stay float64.
     """
     _check_compute_dtype(compute_dtype)
     dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
@@ -290,11 +256,9 @@ def set_compute_dtype(model: nnx.Module, compute_dtype: str) -> nnx.Module:
 
 
 def set_pool_ties(model: nnx.Module, pool_ties: str) -> nnx.Module:
-    """Make every ``layers.MaxPool`` of ``model`` break ties by ``pool_ties`` (one of
-    ``layers.POOL_TIES``: "split" shares a window's gradient equally among its tied
-    maxima, "first" gives it all to the first, as XLA and the reference code do), in place;
-    returns ``model``. The rule is static (part of the graph), so split the model after
-    setting it. Models without max pooling are unchanged."""
+    """Make every ``layers.MaxPool`` of ``model`` break ties by ``pool_ties``
+    (``layers.POOL_TIES``), in place; returns ``model``. The rule is part of the graph, so
+    split the model after setting it."""
     model.set_attributes(MaxPool, ties=check_pool_ties(pool_ties), raise_if_not_found=False)
     return model
 
