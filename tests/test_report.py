@@ -77,6 +77,7 @@ def test_a_row_holds_the_figures_of_the_records(runs):
     assert (row["model"], row["method"], row["T"]) == ("vgg_tiny", "rate", 2)
 
 
+@pytest.mark.slow
 def test_the_command_reports_every_run_and_skips_what_is_not_one(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
@@ -91,6 +92,7 @@ def test_the_command_reports_every_run_and_skips_what_is_not_one(runs, tmp_path)
     assert len(json.load(open(tmp_path / "rows.json"))) == len(runs)
 
 
+@pytest.mark.slow
 def test_a_real_run_reads_as_complete_and_an_interrupted_one_as_interrupted(tmp_path):
     config = tiny_config(num_train_steps=4)
     train.train_and_evaluate(config, str(tmp_path / "a"), log=lambda *_: None)
@@ -100,6 +102,7 @@ def test_a_real_run_reads_as_complete_and_an_interrupted_one_as_interrupted(tmp_
     assert report.read_run(str(tmp_path / "b"))["state"] == "interrupted at step 2"
 
 
+@pytest.mark.slow
 def test_only_paths_that_are_not_runs_fail_the_command(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
                           str(tmp_path / "nothing")], cwd=ROOT, capture_output=True,
