@@ -40,7 +40,11 @@ def test_a_tonic_folder_is_described_by_its_source_files_not_the_frame_cache(tmp
 
 
 def test_digits_is_a_constant_and_an_unknown_loader_has_none():
-    assert fp.fingerprint(config(dataset="digits")) == fp.fingerprint(config(dataset="digits"))
+    digits = fp.fingerprint(config(dataset="digits"))
+    assert digits["dataset"] == "digits" and "load_digits" in digits["source"]
+    # the package's own file: no path of the config changes it
+    assert fp.fingerprint(config(dataset="digits", data_path="/elsewhere/d.npz",
+                                 data_dir="/elsewhere")) == digits
     assert fp.fingerprint(config(dataset="registered_at_run_time")) is None
 
 
