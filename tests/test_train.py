@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import xla_flags_with_host_devices
-from ratebp_jax import train
+from ratebp_jax import methods, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -85,7 +85,13 @@ def test_load_trained_restores_the_latest_and_best_states(tmp_path):
     dataset, net, state = train.load_trained(config, str(tmp_path / "run"))
     assert int(state["step"]) == step == 2
     chex.assert_trees_all_equal(jax.tree.leaves(state["params"]), jax.tree.leaves(params))
-    assert dataset.num_classes == 10 and net.graphdef is not None
+    assert dataset.num_classes == 10
+    # The net takes the restored state: one logit per class (abstractly, nothing computed).
+    images = jax.ShapeDtypeStruct((2, *dataset.image_shape), np.float32)
+    logits, _ = jax.eval_shape(lambda p, s, x: methods.spike_inference(
+        net, p, s, x, T=config.T, step_mode=config.step_mode), state["params"],
+        state["batch_stats"], images)
+    assert logits.shape == (2, 10)
     _, _, best = train.load_trained(config, str(tmp_path / "run"), best=True)
     assert int(best["step"]) == 2  # the only evaluation was at the end
     with pytest.raises(FileNotFoundError, match="workdir="):
