@@ -118,6 +118,8 @@ def main(argv):
     wd.check_same_run(os.path.abspath(workdir), config)
     if FLAGS.distributed:
         start_distributed()
+    from ratebp_jax import contract
+    contract.check_config_model(config)  # a model of one's own; before anything is written
     RUNNING["workdir"] = os.path.abspath(workdir)
     summary = train.train_and_evaluate(config, workdir)
     if summary["interrupted"]:

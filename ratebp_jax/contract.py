@@ -127,6 +127,44 @@ def check_model(model: nnx.Module, *, image_shape, T: int = 4, step_mode: str = 
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
 
 
+class ContractError(ValueError):
+    """A model of one's own breaks the layer contract, and the config makes that fatal."""
+
+
+def check_config_model(config, *, out=sys.stderr) -> list[Finding]:
+    """``experiments/main.py``'s check, before anything is written: a model given by import
+    path (not a zoo model, which keeps the contract) in a run that uses rate-BP (as its
+    method, or in the agreement logging) is checked once, at the run's T and step mode on
+    a batch of two, and its findings are written to ``out`` (by process 0).
+
+    Loads the dataset for its input shape (the trainer loads it again). Raises
+    :class:`ContractError` when ``config.contract_errors_fatal`` and a finding is an error.
+    """
+    checks.check_bool("contract_errors_fatal", config.contract_errors_fatal)
+    uses_rate = config.method == "rate" or (config.grad_agreement_every_steps and "rate" in
+                                            config.grad_agreement_methods)
+    if config.model in models.ZOO or not uses_rate:
+        return []
+    from ratebp_jax import data, train  # the trainer's imports, needed on this path only
+    dataset = data.load_dataset(config)
+    model = train.create_model(config, dataset.image_shape, dataset.num_classes)
+    findings = check_model(model, image_shape=dataset.image_shape, T=max(config.T, 2),
+                           step_mode=config.step_mode)
+    if findings and jax.process_index() == 0:
+        print(f"warning: model {config.model!r} and rate-BP: contract.check_model found "
+              "(docs/DESIGN.md section 4):", file=out)
+        for finding in findings:
+            print(f"  {finding}", file=out)
+        out.flush()
+    n = len(errors(findings))
+    if n and config.contract_errors_fatal:
+        raise ContractError(
+            f"model={config.model!r}: breaks rate-BP's layer contract ({n} error"
+            f"{'s' if n > 1 else ''}, listed above), and contract_errors_fatal is set; fix "
+            "the model, or train it anyway with contract_errors_fatal=false")
+    return findings
+
+
 # --------------------------------------------------------------------------- instrumentation
 _PATH_ATTR = "_contract_check_path"
 _IN, _OUT = "contract-check-in", "contract-check-out"

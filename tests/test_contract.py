@@ -3,6 +3,7 @@ full-size models traced), each way of breaking it in tests/contract_models.py is
 its operation and place, a ReLU on spikes is harmless, and the check leaves the model as
 it was."""
 import os
+import subprocess
 import sys
 
 import chex
@@ -153,6 +154,41 @@ def test_lif_called_twice_fails_the_t1_gradient_check():
                                     step_mode="single")
     assert {"call count", "T=1 gradient"} <= {f.operation for f in findings}
     assert all(f.severity == "error" for f in findings)
+
+
+@pytest.mark.parametrize("change", [{"model": "vgg_small"}, {"method": "bptt"}])
+def test_zoo_models_and_runs_without_rate_bp_are_not_checked(change):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from configs import default
+    config = default.get_config()
+    config.update({"model": "tests.contract_models:MaxPoolBetween", **change})
+    assert contract.check_config_model(config) == []
+
+
+@pytest.mark.slow
+def test_main_prints_the_findings_before_training_and_can_stop_on_them(tmp_path):
+    """experiments/main.py with a broken model by import path: the findings come before
+    the first epoch's line; with contract_errors_fatal the run stops with one error line
+    (exit 2) and writes nothing."""
+    command = [sys.executable, os.path.join(ROOT, "experiments", "main.py"),
+               "--config.model=tests.contract_models:MaxPoolBetween",
+               "--config.num_train_steps=1", "--config.T=2", "--config.batch_size=16",
+               "--config.progress_bar=false", "--config.plots=false"]
+    warned = subprocess.run(command + ["--workdir", str(tmp_path / "warned")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=600, check=False)
+    out = warned.stdout
+    assert warned.returncode == 0, out[-3000:]
+    assert out.index("  error: reduce_window_max (between LIF 'lif1' and LIF 'lif2', "
+                     "tests/contract_models.py:") < out.index("epoch 1/1 step 1")
+    stopped = subprocess.run(command + ["--config.contract_errors_fatal=true", "--workdir",
+                                        str(tmp_path / "stopped")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600, check=False)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model='tests.contract_models:MaxPoolBetween': breaks "
+                           "rate-BP's layer contract (2 errors, listed above)"), last
+    assert "Traceback" not in stopped.stderr and not (tmp_path / "stopped").exists()
 
 
 def test_abstract_model_is_traced_only():
