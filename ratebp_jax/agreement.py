@@ -10,6 +10,9 @@ nothing in the run), and writes one line per method to ``grad_agreement.jsonl``:
 
 ``step`` counts the updates before that batch; layers are in network order. Only three
 numbers per parameter cross to the host: ``<g, g_bptt>``, ``|g|^2`` and ``|g_bptt|^2``.
+
+With ``config.grad_agreement_warn_cosine`` above 0, the first layer cosine logged below it
+is said once (:func:`low_agreement`): a sign that rate-BP is not following BPTT there.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ratebp_jax import analysis, methods
+from ratebp_jax import analysis, checks, methods
 
 FILE = "grad_agreement.jsonl"
 PLOT_FILE = "grad_agreement.png"
@@ -80,8 +83,12 @@ def records_from_sums(sums_by_method: dict, layers, param_names, *, step: int, T
 class AgreementLogger:
     """Computes and appends the agreement records of a training run (see module doc)."""
 
-    def __init__(self, net, params, batch_stats, image_shape, config, workdir: str):
+    def __init__(self, net, params, batch_stats, image_shape, config, workdir: str, *,
+                 say=print):
         self.every = config.grad_agreement_every_steps
+        self.warn_cosine = checks.check_number(
+            "grad_agreement_warn_cosine", config.grad_agreement_warn_cosine, 0.0, 1.0)
+        self.say = say  # where the one low-agreement warning goes
         self.T, self.step_mode = config.T, config.step_mode
         self.methods = tuple(dict.fromkeys(config.grad_agreement_methods))
         self.path = os.path.join(workdir, FILE)
@@ -106,7 +113,27 @@ class AgreementLogger:
             from ratebp_jax import workdir as wd
             for record in records:
                 wd.append_jsonl(self.path, record)
+            warning = low_agreement(records, self.warn_cosine)
+            if warning:
+                self.say(warning)
+                self.warn_cosine = 0.0  # once per run
         return records
+
+
+def low_agreement(records: list[dict], threshold: float) -> str | None:
+    """A warning naming the first layer (in network order) whose cosine with BPTT in
+    ``records`` (one logging step's) is below ``threshold``, or None; 0 is off."""
+    for record in records:
+        for layer, figures in record["layers"].items():
+            cosine = figures["cosine"]
+            if threshold and cosine is not None and cosine < threshold:
+                return (f"warning: at step {record['step']} the gradient of {record['method']} "
+                        f"agrees with {record['reference']}'s only to cosine {cosine:.3f} in "
+                        f"layer {layer} (grad_agreement_warn_cosine={threshold}). The "
+                        "network may carry information in spike timing, which rate-BP does "
+                        "not see (docs/RESULTS.md, 'Where rate-BP stops being BPTT'), or "
+                        "break the layer contract (ratebp_jax.contract); said once")
+    return None
 
 
 def _leaf_names(params) -> list[str]:

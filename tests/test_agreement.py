@@ -205,3 +205,30 @@ def test_compare_gradients_on_a_trained_run(runs, tmp_path):
     bad = _compare("--workdir", logged, "--model", "vgg_tiny")
     assert bad.returncode == 2 and "--model: taken from the run's config" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_low_agreement_names_the_first_layer_below_the_threshold():
+    records = [{"step": 40, "method": "rate", "reference": "bptt",
+                "layers": {"features.0": {"cosine": None}, "features.2": {"cosine": 0.62},
+                           "classifier.0": {"cosine": 0.41}}}]
+    message = agreement.low_agreement(records, 0.8)
+    assert message.startswith("warning: at step 40 the gradient of rate agrees with bptt's "
+                              "only to cosine 0.620 in layer features.2 "
+                              "(grad_agreement_warn_cosine=0.8)")
+    assert agreement.low_agreement(records, 0.4) is None
+    assert agreement.low_agreement(records, 0.0) is None  # off
+
+
+@pytest.mark.slow
+def test_a_run_says_once_when_a_logged_cosine_falls_below_the_threshold(tmp_path, capsys):
+    """At T=2 the hidden layers' rate-BP gradient is an approximation (cosine below 1),
+    so a threshold of 1 is crossed at the first logging step, and said only then."""
+    config = tiny_config(num_train_steps=2, grad_agreement_every_steps=1,
+                         grad_agreement_warn_cosine=1.0)
+    train.train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+    warnings = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("warning: ")]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: at step 0 the gradient of rate agrees with "
+                                  "bptt's only to cosine 0.")
+    assert "in layer features.0 (grad_agreement_warn_cosine=1.0)" in warnings[0]

@@ -93,6 +93,7 @@ CASES = [
      "grad_agreement_methods='bptt_fast': allowed values are bptt, "),
     (["--config.grad_agreement_methods=()"],
      "grad_agreement_methods=(): must be a non-empty list of method names"),
+    (["--config.grad_agreement_warn_cosine=high"], "--config.grad_agreement_warn_cosine=high"),
     (["--config.contract_errors_fatal=maybe"], "--config.contract_errors_fatal"),
     # unknown fields and flags, the config file, the workdir
     (["--config.lerning_rate=0.1"], "config.lerning_rate: no such field; did you mean "

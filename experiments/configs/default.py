@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     # gradient per method at those steps, outside the train step; the run is unchanged.
     c.grad_agreement_every_steps = 0
     c.grad_agreement_methods = ("rate",)  # names from ratebp_jax.methods.METHODS
+    c.grad_agreement_warn_cosine = 0.0  # say once when a logged layer's cosine is below it; 0: off
     # A model of one's own (package.module:Factory) in a rate-BP run is checked against the
     # layer contract before training (ratebp_jax.contract); true: an error there stops the run
     c.contract_errors_fatal = False
