@@ -9,6 +9,7 @@ resolved once by ``methods.make_grad_fn``.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -52,7 +53,8 @@ def _method_list(config, field):
 def neuron_config(config) -> neurons.NeuronConfig:
     return neurons.NeuronConfig(lam=config.lam, thresh=config.thresh, reset=config.reset,
                                 v_reset=config.v_reset, surrogate=config.surrogate,
-                                alpha=config.surrogate_alpha)
+                                alpha=config.surrogate_alpha,
+                                learnable_leak=config.learnable_leak)
 
 
 def validate_config(config, *, devices: bool = True) -> None:
@@ -85,6 +87,12 @@ def validate_config(config, *, devices: bool = True) -> None:
     checks.check_number("surrogate_alpha", config.surrogate_alpha, 0.0, low_open=True)
     checks.check_number("v_reset", config.v_reset)
     neuron_config(config)  # lam, thresh, reset and surrogate, checked by the neuron itself
+    if config.learnable_leak:
+        for field in ("method", "grad_agreement_methods"):
+            names = [config[field]] if isinstance(config[field], str) else config[field]
+            if "ottt" in names:
+                raise ValueError(f"{field}={config[field]!r} with learnable_leak=True: "
+                                 f"{methods.LEARNABLE_LEAK_OTTT}")
     checks.check_number("learning_rate", config.learning_rate, 0.0, low_open=True)
     checks.check_number("momentum", config.momentum, 0.0, 1.0, high_open=True)
     checks.check_number("weight_decay", config.weight_decay, 0.0)
@@ -318,12 +326,16 @@ def plot_curves(history, workdir):
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Fixed margins: tight_layout would lay the figure out by drawing it once more, which
+    # doubles the cost of a drawing made at every epoch.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.91, wspace=0.22)
     wd.save_figure_atomic(fig, os.path.join(workdir, "curves.png"))
 
     layers = list(history[-1]["firing_rates"])
     rates = [[r["firing_rates"].get(layer, float("nan")) for r in history] for layer in layers]
-    fig = Figure(figsize=(min(12, 5.5 + 0.25 * len(epochs)), 1.8 + 0.3 * len(layers)))
+    width, height = min(12, 5.5 + 0.25 * len(epochs)), 1.8 + 0.3 * len(layers)
+    fig = Figure(figsize=(width, height))
     ax = fig.subplots()
     image = ax.imshow(rates, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                       extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(layers) - 0.5, -0.5))
@@ -331,7 +343,9 @@ def plot_curves(history, workdir):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", title="firing rate per LIF layer")
     fig.colorbar(image, ax=ax, label="rate (0 dead, 1 saturated)")
-    fig.tight_layout()
+    label_inches = 0.3 + 0.06 * max(len(layer) for layer in layers)  # 7-point tick labels
+    fig.subplots_adjust(left=min(0.5, label_inches / width), right=0.97,
+                        bottom=0.6 / height, top=1 - 0.35 / height)
     wd.save_figure_atomic(fig, os.path.join(workdir, "firing_rates.png"))
 
 
@@ -359,6 +373,7 @@ class Run:
     best: Any = None
     agreement: Any = None
     tracker: Any = None
+    figures: Any = None
 
     @property
     def writes_records(self) -> bool:
@@ -479,6 +494,7 @@ def open_workdir(run: Run, state) -> Progress:
                                       restored)
     wd.reconcile_best(run.best, history, state, restored)
     run.tracker = tracking.open_tracker(run.workdir, config, restored)
+    run.figures = _Figures() if config.plots and run.writes_records else None
     wd.write_config(run.workdir, config, run.fingerprint)
     wd.mark_state(run.workdir, "running", restored or 0)
     if restored is not None:
@@ -557,8 +573,8 @@ def close_epoch(run: Run, progress: Progress, timing: dict) -> None:
     progress.history.append(record)
     if run.writes_records:
         wd.append_jsonl(os.path.join(run.workdir, wd.METRICS_FILE), record)
-        if run.config.plots:
-            plot_curves(progress.history, run.workdir)
+    if run.figures is not None:
+        run.figures.draw(progress.history, run.workdir)
     if run.tracker is not None:
         run.tracker.epoch(record)
     speed = (f"{record['images_per_s']:.0f} img/s" if record["images_per_s"] is not None
@@ -587,7 +603,7 @@ def finish_run(run: Run, progress: Progress) -> dict[str, Any]:
     artefact it lists exists (``workdir.completed_summary``)."""
     artefacts = [wd.CONFIG_FILE, wd.METRICS_FILE] if progress.history else [wd.CONFIG_FILE]
     if run.writes_records and run.config.plots and progress.history:
-        plot_curves(progress.history, run.workdir)
+        _Figures.ensure(run.figures, progress.history, run.workdir)
         artefacts += ["curves.png", "firing_rates.png"]
     if run.writes_records and run.config.plots and run.agreement is not None:
         records = wd.read_jsonl(run.agreement.path)
@@ -617,13 +633,44 @@ def summarize(run: Run, progress: Progress, artefacts: list[str]) -> dict[str, A
 
 
 def _wait_for_saves(run: Run) -> None:
-    """Let the saves in flight finish, and close the event files."""
+    """Let the saves and drawings in flight finish, and close the event files."""
     for manager in (run.latest, run.best):
         if manager is not None:
             manager.wait_until_finished()
     if run.tracker is not None:
         run.tracker.close()
         run.tracker = None
+    if run.figures is not None:
+        run.figures.wait()
+
+
+class _Figures:
+    """Draws ``plot_curves`` at an epoch's end on one background thread, at most one drawing
+    in flight, so that the next epoch trains while matplotlib lays out text and ticks. Each
+    figure is written atomically, so a crash at any moment leaves whole figures."""
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "figures")
+        self._pending, self._drawn = None, 0
+
+    def draw(self, history: list[dict], workdir: str) -> None:
+        self.wait()
+        self._pending = self._pool.submit(plot_curves, list(history), workdir)
+        self._drawn = len(history)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a drawing's error is raised here
+
+    @staticmethod
+    def ensure(figures, history: list[dict], workdir: str) -> None:
+        """The figures of the whole ``history`` on disk, drawing them unless already drawn."""
+        if figures is not None:
+            figures.wait()
+            if figures._drawn == len(history):
+                return
+        plot_curves(history, workdir)
 
 
 def _checkpoint_kept(workdir: str) -> str:

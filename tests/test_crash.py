@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+import threading
 
 import chex
 import orbax.checkpoint as ocp
@@ -45,6 +46,14 @@ class Recorder:
 
     def __init__(self, workdir, scratch):
         self.workdir, self.scratch, self.states = workdir, scratch, []
+        self.lock = threading.Lock()  # figures are drawn on another thread
+
+    def locked(self, write):
+        """``write`` with its copies, one at a time, whichever thread calls it."""
+        def call(*args, **kwargs):
+            with self.lock:
+                return write(*args, **kwargs)
+        return call
 
     def snapshot(self, name):
         folder = os.path.join(self.scratch, f"{len(self.states):03d}-{name}")
@@ -63,7 +72,7 @@ class Recorder:
             with open(os.path.join(torn, name), "a") as f:
                 f.write(json.dumps(record)[:25])
             original(path, record)
-        return append
+        return self.locked(append)
 
     def around_json(self, original):
         def write(path, obj):
@@ -73,7 +82,7 @@ class Recorder:
             with open(os.path.join(half, name + ".tmp"), "w") as f:
                 f.write(json.dumps(obj)[:40])
             original(path, obj)
-        return write
+        return self.locked(write)
 
     def around_figure(self, original):
         def save(fig, path):
@@ -83,7 +92,7 @@ class Recorder:
             with open(os.path.join(half, name + ".tmp"), "wb") as f:
                 f.write(b"\x89PNG\r\n")
             original(fig, path)
-        return save
+        return self.locked(save)
 
     def around_save(self, original):
         recorder = self
@@ -108,7 +117,7 @@ class Recorder:
                 reordered = recorder.snapshot(f"best-before-latest-{step}")
                 shutil.rmtree(os.path.join(reordered, "checkpoints", str(step)))
             return result
-        return save
+        return self.locked(save)
 
 
 def _latest_steps(workdir):
