@@ -42,7 +42,7 @@ RANDOM_DEFAULTS = {"T": [1, 2, 4], "step_modes": ["multi", "single"]}
 PRECISIONS = ("default", "high", "highest")
 # Flags that describe the random model; with --workdir the run's config decides them.
 MODEL_FLAGS = ("model", "batch", "image_size", "num_classes", "in_channels", "dtype", "reset",
-               "rate_grad_scale", "input_scale", "seed")
+               "learnable_leak", "rate_grad_scale", "input_scale", "seed")
 
 
 def parse_args(argv=None):
@@ -78,6 +78,9 @@ def parse_args(argv=None):
                         f"run's with --workdir)")
     p.add_argument("--reset", default=None,
                    help=f"one of {', '.join(neurons.RESET_MODES)} (random mode; default soft)")
+    p.add_argument("--learnable-leak", action="store_const", const=True, default=None,
+                   help="every LIF layer learns its leak (PLIF); its gradient is compared per "
+                        "layer too (random mode; default off)")
     p.add_argument("--rate-grad-scale", default=None,
                    help="exact (true rate-graph gradient) or reference (x 1/T, as the paper) "
                         "(random mode; default exact)")
@@ -96,7 +99,8 @@ def parse_args(argv=None):
 
 RANDOM_MODEL_DEFAULTS = {"model": "resnet18_tiny", "batch": 8, "image_size": 32,
                          "num_classes": 10, "in_channels": 3, "dtype": "float32",
-                         "reset": "soft", "rate_grad_scale": "exact", "input_scale": 1.0,
+                         "reset": "soft", "learnable_leak": False, "rate_grad_scale": "exact",
+                         "input_scale": 1.0,
                          "seed": 0}
 
 
@@ -140,7 +144,9 @@ def compare(args) -> list[dict]:
         return compare_on_run(args)
     model = models.create_model(args.model, num_classes=args.num_classes,
                                 in_channels=args.in_channels, image_size=args.image_size,
-                                neuron=neurons.NeuronConfig(reset=args.reset), seed=args.seed,
+                                neuron=neurons.NeuronConfig(reset=args.reset,
+                                                            learnable_leak=args.learnable_leak),
+                                seed=args.seed,
                                 compute_dtype=args.dtype)
     net, params, batch_stats = methods.split_model(model)
     batch = analysis.random_batch(jax.random.key(args.seed + 1), args.batch, args.image_size,
@@ -247,6 +253,13 @@ def print_table(results):
     if results:
         print(f"hidden: {results[0]['hidden']['layers']} layers; readout "
               f"{results[0]['hidden']['readout']!r} left out")
+    for r in results:
+        leaks = [p for p in r["per_param"] if p["name"].endswith("leak_logit")]
+        if leaks:  # one scalar per LIF layer: its ratio to BPTT's, signed
+            print(f"{r['method']} {r['step_mode']} T={r['T']} learnable leaks, gradient / "
+                  f"BPTT's: " + ", ".join(f"{p['name'].rpartition('.')[0]} "
+                                          f"{p['cosine'] * p['norm_ratio']:+.3f}"
+                                          for p in leaks))
 
 
 def _pair(a, b):

@@ -86,33 +86,52 @@ class LIF(nnx.Module):
         self.elig = Record(_placeholder())
         self.u = Membrane(_placeholder())
         self.eps_d = Membrane(_placeholder())
+        if cfg.learnable_leak:  # lam = sigmoid(leak_logit), from cfg.lam (DESIGN section 8)
+            self.leak_logit = nnx.Param(jnp.asarray(math.log(cfg.lam / (1.0 - cfg.lam)),
+                                                    jnp.float32))
+            self.elig_lam = Record(_placeholder())
+            self.lam_d = Membrane(_placeholder())
+
+    def leak(self):
+        """The layer's decay: ``sigmoid(leak_logit)`` with a learnable leak, else None (the
+        neuron functions then use the static ``cfg.lam``)."""
+        if not self.cfg.learnable_leak:
+            return None
+        return jax.nn.sigmoid(self.leak_logit.get_value())
 
     def __call__(self, x, ctx: Ctx):
         out = self._fire(at_least_float32(x), ctx)
         return out if self.spike_dtype is None else out.astype(self.spike_dtype)
 
     def _fire(self, x, ctx: Ctx):
+        lam, learnable = self.leak(), self.cfg.learnable_leak
         if ctx.phase == "rate":
-            return ratebp.rate_lif(x, self.rate.get_value(), self.elig.get_value())
+            out = ratebp.rate_lif(x, self.rate.get_value(), self.elig.get_value())
+            return ratebp.with_leak_gradient(out, lam, self.elig_lam.get_value()) \
+                if learnable else out
         monitor_only = ctx.record and not ctx.train  # firing rates only, no eligibility
         if ctx.step_mode == "multi":
             x_TxN = x.reshape((ctx.T, -1) + x.shape[1:])
             if not ctx.train:  # evaluation
-                spikes = neurons.lif_forward(x_TxN, self.cfg)
+                spikes = neurons.lif_forward(x_TxN, self.cfg, lam)
                 if monitor_only:
                     self.rate.set_value(neurons.time_mean(spikes))
             elif ctx.record:
-                spikes, rate, elig = neurons.lif_scan_with_eligibility(x_TxN, self.cfg)
+                spikes, rate, elig, *elig_lam = neurons.lif_scan_with_eligibility(
+                    x_TxN, self.cfg, lam)
                 self.rate.set_value(rate)
                 self.elig.set_value(elig)
+                if learnable:
+                    self.elig_lam.set_value(elig_lam[0])
             else:  # BPTT and its variants
-                spikes = neurons.lif_scan(x_TxN, self.cfg, ctx.temporal_grad)
+                spikes = neurons.lif_scan(x_TxN, self.cfg, ctx.temporal_grad, lam)
             return spikes.reshape(x.shape)
         if ctx.record and not monitor_only:
-            fields = (self.u, self.eps_d, self.elig)
+            fields = (self.u, self.eps_d, self.elig) + (
+                (self.lam_d, self.elig_lam) if learnable else ())
             carry = neurons.EligibilityCarry(*(f.get_value() for f in fields))
             carry, s, _ = neurons.eligibility_step(
-                carry, jax.lax.stop_gradient(x), self.cfg, ctx.T)
+                carry, jax.lax.stop_gradient(x), self.cfg, ctx.T, lam)
             for field, value in zip(fields, carry):
                 field.set_value(value)
             _accumulate(self.rate, s, ctx)
@@ -120,7 +139,7 @@ class LIF(nnx.Module):
         u_prev = self.u.get_value()
         if not ctx.temporal_grad:
             u_prev = jax.lax.stop_gradient(u_prev)
-        u, s, _ = neurons.lif_step(u_prev, x, self.cfg)
+        u, s, _ = neurons.lif_step(u_prev, x, self.cfg, lam)
         self.u.set_value(u)
         if monitor_only:
             _accumulate(self.rate, s, ctx)

@@ -263,7 +263,15 @@ def _weight_grad_at(op):
     return apply
 
 
+LEARNABLE_LEAK_OTTT = ("OTTT's presynaptic traces decay by one fixed factor (trace_decay), "
+                      "while a learnable leak changes each layer's decay as it trains, so the "
+                      "traces would no longer follow the neurons; use bptt, bptt_remat, sltt "
+                      "or rate")
+
+
 def _trace_decay(model, trace_decay):
+    if any(isinstance(m, LIF) and m.cfg.learnable_leak for _, m in nnx.iter_modules(model)):
+        raise ValueError(f"method='ottt' with a learnable leak: {LEARNABLE_LEAK_OTTT}")
     if trace_decay is not None:
         if not 0.0 <= trace_decay < 1.0:
             raise ValueError(f"trace_decay={trace_decay!r}: must satisfy 0 <= trace_decay < 1")

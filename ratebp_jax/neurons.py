@@ -46,7 +46,12 @@ SURROGATES: dict[str, Callable] = {
 class NeuronConfig:
     """Static LIF settings (docs/DESIGN.md section 1), hashable for NNX modules and jit:
     decay ``lam = 1 - 1/tau``, threshold, reset mode (RESET_MODES) and hard-reset value,
-    and the surrogate (SURROGATES) with its sharpness ``alpha``."""
+    and the surrogate (SURROGATES) with its sharpness ``alpha``.
+
+    ``learnable_leak``: each LIF layer learns its decay, ``lam = sigmoid(w)`` with ``w`` a
+    parameter of the layer starting at ``logit(lam)``, so ``lam`` must lie in (0, 1); the
+    functions below then take the layer's decay as their ``lam`` argument (DESIGN
+    section 8)."""
 
     lam: float = 0.2
     thresh: float = 1.0
@@ -54,9 +59,12 @@ class NeuronConfig:
     v_reset: float = 0.0
     surrogate: str = "sigmoid"
     alpha: float = 4.0
+    learnable_leak: bool = False
 
     def __post_init__(self):
-        checks.check_number("lam", self.lam, 0.0, 1.0, high_open=True)
+        checks.check_bool("learnable_leak", self.learnable_leak)
+        checks.check_number("lam", self.lam, 0.0, 1.0, low_open=self.learnable_leak,
+                            high_open=True)
         checks.check_number("thresh", self.thresh, 0.0, low_open=True)
         checks.check_choice("reset", self.reset, RESET_MODES)
         checks.check_choice("surrogate", self.surrogate, SURROGATES)
@@ -70,6 +78,12 @@ class NeuronConfig:
     def detach_reset(self) -> bool:
         # The reference's hard reset is not detached; its soft reset is.
         return self.reset in ("soft", "hard_detach")
+
+
+def leak(cfg: NeuronConfig, lam=None):
+    """The decay the functions below use: ``lam``, a learnable leak's value, when given,
+    else the static ``cfg.lam``."""
+    return cfg.lam if lam is None else lam
 
 
 def surrogate_grad(v, cfg: NeuronConfig):
@@ -117,20 +131,22 @@ def reset_derivative(v, s, cfg: NeuronConfig):
     return 1.0 - cfg.thresh * surrogate_grad(v, cfg)
 
 
-def lif_step(u_prev, x, cfg: NeuronConfig):
-    """One LIF step. Returns ``(u, s, v)``: post-reset membrane, spike, pre-reset membrane."""
-    v = cfg.lam * u_prev + x
+def lif_step(u_prev, x, cfg: NeuronConfig, lam=None):
+    """One LIF step, decay :func:`leak`. Returns ``(u, s, v)``: post-reset membrane, spike,
+    pre-reset membrane."""
+    v = leak(cfg, lam) * u_prev + x
     s = spike(v, cfg)
     return reset_membrane(v, s, cfg), s, v
 
 
-def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True):
-    """The LIF's spikes over time from rest (``u_0 = 0``), differentiable (BPTT);
-    ``temporal_grad=False`` cuts the gradient through the membrane carry (SLTT, OTTT)."""
+def lif_scan(x_TxN, cfg: NeuronConfig, temporal_grad: bool = True, lam=None):
+    """The LIF's spikes over time from rest (``u_0 = 0``), differentiable (BPTT) in the
+    input and a learnable ``lam``; ``temporal_grad=False`` cuts the gradient through the
+    membrane carry (SLTT, OTTT)."""
     def body(u, x):
         if not temporal_grad:
             u = jax.lax.stop_gradient(u)
-        u, s, _ = lif_step(u, x, cfg)
+        u, s, _ = lif_step(u, x, cfg, lam)
         return u, s
 
     _, spikes = jax.lax.scan(body, jnp.zeros_like(x_TxN[0]), x_TxN)
@@ -160,11 +176,11 @@ def _scan_over_input(step, init, xs):
     return jax.lax.fori_loop(start, xs.shape[0], body, state)
 
 
-def lif_forward(x_TxN, cfg: NeuronConfig):
+def lif_forward(x_TxN, cfg: NeuronConfig, lam=None):
     """The spikes of :func:`lif_scan`, bit for bit, for inference (see
     :func:`_scan_over_input`): faster and in less memory, written over ``x_TxN``."""
     def step(v_prev, x):
-        _, s, v = lif_step(_after_reset(v_prev, cfg), x, cfg)
+        _, s, v = lif_step(_after_reset(v_prev, cfg), x, cfg, lam)
         return v, s
 
     return _scan_over_input(step, jnp.zeros_like(x_TxN[0]), x_TxN)[1]
@@ -180,42 +196,57 @@ def time_mean(x_TxN):
 
 
 class EligibilityCarry(NamedTuple):
-    """The spike pass's carry: membrane, ``eps * d`` and the running mean of ``eps * sg``."""
+    """The spike pass's carry: membrane, ``eps * d`` and the running mean of ``eps * sg``;
+    with a learnable leak also ``D * d`` and the running mean of ``D * sg`` (DESIGN
+    section 8), else None."""
 
     u: jax.Array
     eps_d: jax.Array
     elig: jax.Array
+    lam_d: jax.Array | None = None
+    elig_lam: jax.Array | None = None
 
 
 def eligibility_init(shape, cfg: NeuronConfig, dtype=jnp.float32) -> EligibilityCarry:
     zeros = jnp.zeros(shape, dtype)
     eps_d = jnp.zeros(jnp.shape(reset_derivative(zeros, zeros, cfg)), dtype)
+    if cfg.learnable_leak:
+        return EligibilityCarry(zeros, eps_d, zeros, zeros, zeros)
     return EligibilityCarry(zeros, eps_d, zeros)
 
 
-def eligibility_step(carry: EligibilityCarry, x, cfg: NeuronConfig, T: int):
+def eligibility_step(carry: EligibilityCarry, x, cfg: NeuronConfig, T: int, lam=None):
     """One spike-pass step that also advances the eligibility recurrence (docs/DESIGN.md
-    section 2.2), adding ``eps_t sg(v_t) / T`` to ``elig``. Returns ``(carry, s, v)``."""
-    u, s, v = lif_step(carry.u, x, cfg)
-    eps = 1.0 + cfg.lam * carry.eps_d
-    new = EligibilityCarry(
-        u=u,
-        eps_d=eps * reset_derivative(v, s, cfg),
-        elig=carry.elig + eps * surrogate_grad(v, cfg) / T,
-    )
+    section 2.2), adding ``eps_t sg(v_t) / T`` to ``elig``; with a learnable leak also
+    ``D_t = u_{t-1} + lam d_{t-1} D_{t-1}`` (``u`` post-reset) and ``D_t sg(v_t) / T`` to
+    ``elig_lam`` (section 8). Returns ``(carry, s, v)``."""
+    lam = leak(cfg, lam)
+    u, s, v = lif_step(carry.u, x, cfg, lam)
+    eps = 1.0 + lam * carry.eps_d
+    d, sg = reset_derivative(v, s, cfg), surrogate_grad(v, cfg)
+    new = EligibilityCarry(u=u, eps_d=eps * d, elig=carry.elig + eps * sg / T)
+    if carry.lam_d is not None:
+        # Per neuron from the first step (a single step mode carry starts as a scalar 0).
+        D = jnp.broadcast_to(carry.u + lam * carry.lam_d, v.shape)
+        new = new._replace(lam_d=D * d, elig_lam=carry.elig_lam + D * sg / T)
     return new, s, v
 
 
-def lif_scan_with_eligibility(x_TxN, cfg: NeuronConfig):
-    """Spike pass over T steps, without gradient: ``(spikes_TxN, rate_N, elig_N)``."""
+def lif_scan_with_eligibility(x_TxN, cfg: NeuronConfig, lam=None):
+    """Spike pass over T steps, without gradient: ``(spikes_TxN, rate_N, elig_N)``, and
+    with ``cfg.learnable_leak`` the leak's eligibility ``elig_lam_N`` after them."""
     x_TxN = jax.lax.stop_gradient(x_TxN)
+    lam = None if lam is None else jax.lax.stop_gradient(lam)
     T = x_TxN.shape[0]
 
     def step(carry, x):
         # The carry's ``u`` holds the pre-reset membrane between steps (see _scan_over_input).
-        carry, s, v = eligibility_step(carry._replace(u=_after_reset(carry.u, cfg)), x, cfg, T)
+        carry, s, v = eligibility_step(carry._replace(u=_after_reset(carry.u, cfg)), x, cfg, T,
+                                       lam)
         return carry._replace(u=v), s
 
     carry, spikes = _scan_over_input(
         step, eligibility_init(x_TxN.shape[1:], cfg, x_TxN.dtype), x_TxN)
+    if cfg.learnable_leak:
+        return spikes, time_mean(spikes), carry.elig, carry.elig_lam
     return spikes, time_mean(spikes), carry.elig

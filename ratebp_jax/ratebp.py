@@ -29,6 +29,13 @@ def _rate_lif_bwd(elig, g):
 rate_lif.defvjp(_rate_lif_fwd, _rate_lif_bwd)
 
 
+def with_leak_gradient(rate, lam, elig_lam):
+    """``rate`` in value; a learnable leak ``lam`` gets ``sum(g * elig_lam)`` from the
+    rate's cotangent ``g``, ``elig_lam`` being the spike pass's record of ``dr/dlam``
+    (docs/DESIGN.md section 8). The added term is exactly zero in value."""
+    return rate + (lam - jax.lax.stop_gradient(lam)) * jax.lax.stop_gradient(elig_lam)
+
+
 def straight_through(value_stat, grad_stat):
     """``value_stat`` in the forward pass, ``d grad_stat`` in the backward pass."""
     return jax.lax.stop_gradient(value_stat) + grad_stat - jax.lax.stop_gradient(grad_stat)

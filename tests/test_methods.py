@@ -311,7 +311,7 @@ def test_make_grad_fn_documents_every_keyword():
 @pytest.mark.parametrize("batch_fn,error,message", [
     (lambda b: {**b, "label": b["label"][:2]}, ValueError, "label: expected shape"),
     (lambda b: {**b, "label": b["label"].astype(jnp.float32)}, TypeError, "integer dtype"),
-    (lambda b: {**b, "image": b["image"][0]}, ValueError, "image: expected"),
+    (lambda b: {**b, "image": b["image"][None, None]}, ValueError, "image: expected"),
     (lambda b: {"image": b["image"]}, TypeError, "'image' and 'label'"),
 ])
 def test_bad_batches_are_rejected_by_name(batch_fn, error, message):

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Python dict literal); checked against its signature (models.check_model_kwargs)
     c.model_kwargs = {}
     c.lam = 0.2  # LIF leak, 1 - 1/tau, in [0, 1)
+    c.learnable_leak = False  # each LIF layer learns its leak, lam = sigmoid(w), from lam (PLIF)
     c.thresh = 1.0  # firing threshold, > 0
     c.reset = "soft"  # soft | soft_nodetach | hard | hard_detach
     c.v_reset = 0.0  # membrane after a hard reset
