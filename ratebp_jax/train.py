@@ -403,7 +403,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     with ``already_complete`` set and changes nothing. SIGTERM or Ctrl-C (a cluster's
     preemption notice, a user) or reaching ``interrupt_at_step`` checkpoints at the next step
     and returns early with ``summary["interrupted"] = True``; rerunning resumes exactly there.
-    A crash at any write resumes too (docs/DESIGN.md, "Crash consistency").
+    A crash at any write resumes too (docs/DESIGN.md section 7).
     """
     run, state, done = set_up_run(config, workdir, log)
     if done is not None:
@@ -430,6 +430,10 @@ def train_and_evaluate(config, workdir: str, *, log=print,
         wd.mark_state(run.workdir, "stopped", progress.step, reason="non-finite loss")
         raise NonFiniteError(f"{e}. {_checkpoint_kept(run.workdir)}; set nan_policy='skip' "
                              f"to skip such batches") from None
+    except KeyboardInterrupt:  # a second Ctrl-C
+        _wait_for_saves(run)
+        wd.mark_state(run.workdir, "stopped", progress.step, reason="Ctrl-C")
+        raise
     finally:
         batches.close()  # stops the data workers
         # Let a pending async save finish even when a step raised: it is the last good one.
