@@ -99,6 +99,7 @@ CASES = [
     ("accuracy_benchmark", ["--methods", "sgd"], "--methods='sgd'"),
     ("accuracy_benchmark", ["--step-modes", "both"], "--step-modes='both'"),
     ("accuracy_benchmark", ["--dtypes", "float32", "half"], "--dtypes='half'"),
+    ("accuracy_benchmark", ["--leaks", "fixed", "plif"], "--leaks='plif'"),
     ("accuracy_benchmark", ["--seeds", "0", "-1"], "--seeds=-1"),
     ("accuracy_benchmark", ["--seeds", str(2**32)], f"--seeds={2**32}"),
     ("accuracy_benchmark", ["--num-epochs", "0"], "--num-epochs=0"),
