@@ -74,25 +74,17 @@ class Recorder:
             original(path, record)
         return self.locked(append)
 
-    def around_json(self, original):
-        def write(path, obj):
-            name = os.path.basename(path)
-            self.snapshot(f"before-{name}")
-            half = self.snapshot(f"unrenamed-{name}")
-            with open(os.path.join(half, name + ".tmp"), "w") as f:
-                f.write(json.dumps(obj)[:40])
-            original(path, obj)
-        return self.locked(write)
-
-    def around_figure(self, original):
-        def save(fig, path):
-            name = os.path.basename(path)
+    def around_renamed(self, original, path_arg: int, partial: bytes):
+        """A write to a temporary file renamed into place: a crash before it, and one that
+        left the temporary file written in part, never renamed."""
+        def write(*args):
+            name = os.path.basename(args[path_arg])
             self.snapshot(f"before-{name}")
             half = self.snapshot(f"unrenamed-{name}")
             with open(os.path.join(half, name + ".tmp"), "wb") as f:
-                f.write(b"\x89PNG\r\n")
-            original(fig, path)
-        return self.locked(save)
+                f.write(partial)
+            original(*args)
+        return self.locked(write)
 
     def around_save(self, original):
         recorder = self
@@ -169,8 +161,10 @@ def recorded(tmp_path_factory):
     recorder = Recorder(workdir, scratch)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(wd, "append_jsonl", recorder.around_append(wd.append_jsonl))
-        mp.setattr(wd, "write_json_atomic", recorder.around_json(wd.write_json_atomic))
-        mp.setattr(wd, "save_figure_atomic", recorder.around_figure(wd.save_figure_atomic))
+        mp.setattr(wd, "write_json_atomic",
+                   recorder.around_renamed(wd.write_json_atomic, 0, b'{"name": "defa'))
+        mp.setattr(wd, "save_figure_atomic",
+                   recorder.around_renamed(wd.save_figure_atomic, 1, b"\x89PNG\r\n"))
         mp.setattr(ocp.CheckpointManager, "save",
                    recorder.around_save(ocp.CheckpointManager.save))
         train.train_and_evaluate(crash_config(), workdir, log=lambda *_: None)
