@@ -91,6 +91,7 @@ CASES = [
     (["--config.progress_bar=sometimes"], "--config.progress_bar"),
     (["--config.log_every_steps=0"], "log_every_steps=0: must be an integer >= 1"),
     (["--config.plots=2"], "--config.plots"),
+    (["--config.tensorboard=maybe"], "--config.tensorboard"),
     (["--config.nan_policy=ignore"], "nan_policy='ignore': allowed values are"),
     (["--config.grad_agreement_every_steps=-5"],
      "grad_agreement_every_steps=-5: must be an integer >= 0"),
