@@ -37,6 +37,10 @@ def test_a_tonic_folder_is_described_by_its_source_files_not_the_frame_cache(tmp
     assert fp.fingerprint(config(dataset="cifar10_dvs", data_dir=str(tmp_path))) == before
     (folder / "0.aedat4").write_bytes(b"\x00" * 11)
     assert fp.fingerprint(config(dataset="cifar10_dvs", data_dir=str(tmp_path))) != before
+    (folder / "0.aedat4").write_bytes(b"\x00" * 10)
+    (tmp_path / "DVSGesture").mkdir()  # another tonic dataset in the same data_dir
+    (tmp_path / "DVSGesture" / "user01.aedat").write_bytes(b"\x01")
+    assert fp.fingerprint(config(dataset="cifar10_dvs", data_dir=str(tmp_path))) == before
 
 
 def test_digits_is_a_constant_and_an_unknown_loader_has_none():

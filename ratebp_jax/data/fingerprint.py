@@ -72,10 +72,6 @@ def _event_npz_folder(config) -> dict:
     return {os.path.basename(f): file_fingerprint(f) for f in files}
 
 
-def _tonic_folder(config) -> dict:
-    return listing_fingerprint(config.data_dir) if os.path.isdir(config.data_dir) else {}
-
-
 def _tonic_dataset(name: str):
     """The source files of tonic dataset ``name``, in ``data_dir/name`` (tonic's place)."""
     def fingerprint(config) -> dict:
@@ -103,7 +99,7 @@ FINGERPRINTS = {
     "cifar10": _tfds("cifar10"),
     "cifar100": _tfds("cifar100"),
     "imagenet": _tfds("imagenet2012"),
-    "cifar10_dvs": _tonic_folder,
+    "cifar10_dvs": _tonic_dataset("CIFAR10DVS"),
     "dvsgesture": _tonic_dataset("DVSGesture"),
     "shd": _tonic_dataset("SHD"),
     "events_npz": _event_npz_folder,
