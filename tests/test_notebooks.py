@@ -45,6 +45,7 @@ def test_notebooks_exist():
         "03_memory_and_time.ipynb",
         "04_your_own_model.ipynb",
         "05_gradient_agreement_over_training.ipynb",
+        "06_where_rate_bp_breaks.ipynb",
     ]
 
 
