@@ -603,8 +603,10 @@ def save_latest(run: Run, step: int, state) -> None:
 
 
 def finish_run(run: Run, progress: Progress) -> dict[str, Any]:
-    """Draw the figures, then write ``summary.json`` last: a summary on disk means every
-    artefact it lists exists (``workdir.completed_summary``)."""
+    """Leave one checkpoint in ``best/``, draw the figures, then write ``summary.json``
+    last: a summary on disk means every artefact it lists exists
+    (``workdir.completed_summary``)."""
+    wd.prune_best(run.best, progress.history)
     artefacts = [wd.CONFIG_FILE, wd.METRICS_FILE] if progress.history else [wd.CONFIG_FILE]
     if run.writes_records and run.config.plots and progress.history:
         _Figures.ensure(run.figures, progress.history, run.workdir)

@@ -161,7 +161,10 @@ def checkpoint_managers(workdir: str, keep: int, *, create: bool = True):
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create,
                 enable_async_checkpointing=async_checkpoints()))
-    return manager("checkpoints", keep), manager("best", 1)
+    # best/ keeps the previous best too while a run trains: with asynchronous saves a new
+    # best can commit before its latest checkpoint, and a crash then must find the previous
+    # one (reconcile_best). prune_best leaves one when the run ends.
+    return manager("checkpoints", keep), manager("best", 2)
 
 
 def best_step(history: list[dict]) -> int | None:
@@ -174,6 +177,19 @@ def best_step(history: list[dict]) -> int | None:
     return None if best is None else best["step"]
 
 
+def prune_best(manager, history: list[dict]) -> int | None:
+    """Remove every step from ``best/`` but the best epoch of ``history``; returns that step."""
+    wanted = best_step(history)
+    directory = os.fspath(manager.directory)
+    stale = [int(d) for d in os.listdir(directory) if d.isdigit() and int(d) != wanted]
+    if stale and jax.process_index() == 0:
+        for step in stale:
+            shutil.rmtree(os.path.join(directory, str(step)))
+    _sync("prune_best")
+    manager.reload()
+    return wanted
+
+
 def reconcile_best(manager, history: list[dict], state, restored_step: int | None) -> None:
     """Make ``best/`` hold exactly the best epoch of ``history`` (the records up to the
     restored checkpoint), whatever a crash left there.
@@ -183,17 +199,13 @@ def reconcile_best(manager, history: list[dict], state, restored_step: int | Non
     after a crash ``best/`` may hold a step past the restored one (its epoch is trained
     again and saved again), a half-deleted older step, or lack the restored step although
     its record is the best. The last case is the only one to write: the restored state is
-    that epoch's state, bit for bit. An older best step is always committed, because the
-    trainer waits for a best save before the next latest one starts.
+    that epoch's state, bit for bit. An older best step is always there: the trainer waits
+    for a best save before the next latest one starts, and ``best/`` keeps two steps while
+    a run trains, so a new best that commits before its latest checkpoint leaves the
+    previous best in place.
     """
-    wanted = best_step(history)
+    wanted = prune_best(manager, history)
     directory = os.fspath(manager.directory)
-    stale = [int(d) for d in os.listdir(directory) if d.isdigit() and int(d) != wanted]
-    if stale and jax.process_index() == 0:
-        for step in stale:
-            shutil.rmtree(os.path.join(directory, str(step)))
-    _sync("reconcile_best")
-    manager.reload()
     if wanted is not None and wanted not in manager.all_steps():
         if wanted != restored_step:
             raise RuntimeError(f"{directory}: the best checkpoint, step {wanted}, is missing "
