@@ -119,9 +119,8 @@ def shuffle_time(x_NxT, seed: int = 0) -> np.ndarray:
                               axis=1)
 
 
-def _time_major(x_SxNxT):
-    """``[S, N, T, ...]`` -> ``[S, T, N, ...]``."""
-    return jnp.swapaxes(jnp.asarray(x_SxNxT), 1, 2)
+def _time_major(x_NxT):
+    return jnp.swapaxes(jnp.asarray(x_NxT), 0, 1)
 
 
 def _batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
@@ -132,17 +131,14 @@ def _batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray
         :steps * batch_size].reshape(steps, batch_size)
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def measure(task: Task, *, model: str = "vgg_tiny", seeds=(0, 1, 2), steps: int = 120,
-            batch_size: int = 64, learning_rate: float = 5e-3, agreement_batch: int = 128,
+def measure(task: Task, *, model: str = "vgg_tiny", seeds=(0, 1, 2, 3, 4), steps: int = 120,
+            batch_size: int = 64, learning_rate: float = 1e-2, agreement_batch: int = 128,
             log_every: int = 0, step_mode: str = "multi") -> dict:
     """Train BPTT and rate-BP on ``task`` and measure them, once per seed of ``seeds``
-    (the initial weights and the batches; both methods start from the same weights). The
-    seeds train side by side, as one program (``jax.vmap``): one compilation serves them
-    all. Adam, ``steps`` steps of ``batch_size``.
+    (the initial weights and the batches; both methods start from the same weights). Adam,
+    ``steps`` steps of ``batch_size``. The seeds run one after the other on programs
+    compiled once: a ``jax.vmap`` over the seeds would make their convolutions grouped
+    ones, which XLA:CPU runs several times slower.
 
     Returns ``{"task", "T", "seeds", "bptt": {...}, "rate": {...}, "agreement":
     [[records] per seed]}``. Per method, per seed: the test ``accuracy`` and
@@ -153,56 +149,48 @@ def measure(task: Task, *, model: str = "vgg_tiny", seeds=(0, 1, 2), steps: int 
     samples) are taken along the rate-BP run at step 0, every ``log_every`` steps (0:
     never) and at the end.
     """
-    T, S = task.T, len(seeds)
+    T = task.T
     image_shape = task.x_train.shape[2:]
-    nets = [methods.split_model(models.create_model(
-        model, num_classes=task.num_classes, in_channels=image_shape[-1],
-        image_size=image_shape[0], seed=seed)) for seed in seeds]
-    net = nets[0][0]
-    params0, stats0 = _stack([p for _, p, _ in nets]), _stack([s for _, _, s in nets])
-    batches = np.stack([_batch_indices(len(task.x_train), steps, batch_size, seed)
-                        for seed in seeds], axis=1)  # [steps, S, B]
-    probe = {"image": _time_major(np.stack([task.x_train[:agreement_batch]] * S)),
-             "label": jnp.asarray(np.stack([task.y_train[:agreement_batch]] * S))}
-    programs = _programs(net, T, step_mode, learning_rate)
-    sums_fn, predict = programs["agreement"], programs["predict"]
-    layers = analysis.layer_groups(net, nets[0][1], nets[0][2], image_shape)
-    names = [name for name, _ in analysis.named_leaves(nets[0][1])]
+    probe = {"image": _time_major(task.x_train[:agreement_batch]),
+             "label": jnp.asarray(task.y_train[:agreement_batch])}
+    x_test, x_shuffled = _time_major(task.x_test), _time_major(shuffle_time(task.x_test))
+    result = {"task": task.name, "T": T, "seeds": list(seeds), "agreement": [],
+              **{m: {"accuracy": [], "shuffled_accuracy": [], "train_s": 0.0}
+                 for m in METHODS}}
+    for seed in seeds:
+        net, params, batch_stats = methods.split_model(models.create_model(
+            model, num_classes=task.num_classes, in_channels=image_shape[-1],
+            image_size=image_shape[0], seed=seed))
+        programs = _programs(net, T, step_mode, learning_rate)
+        layers = analysis.layer_groups(net, params, batch_stats, image_shape)
+        names = [name for name, _ in analysis.named_leaves(params)]
 
-    def agree(state, step):
-        sums = jax.device_get(sums_fn(state["params"], state["batch_stats"], probe))
-        return [agreement.records_from_sums({"rate": sums["rate"][k]}, layers, names,
-                                            step=step, T=T, step_mode=step_mode)[0]
-                for k in range(S)]
+        def agree(state, step):
+            sums = jax.device_get(programs["agreement"](state["params"],
+                                                        state["batch_stats"], probe))
+            return agreement.records_from_sums(sums, layers, names, step=step, T=T,
+                                               step_mode=step_mode)[0]
 
-    def accuracy(state, x_NxT):
-        labels = predict(state["params"], state["batch_stats"], jnp.swapaxes(x_NxT, 0, 1))
-        return [float(a) for a in np.mean(np.asarray(labels) == task.y_test, axis=1)]
-
-    result = {"task": task.name, "T": T, "seeds": list(seeds), "agreement": []}
-    for method in METHODS:
-        step_fn = programs[method]
-        state = {"params": params0, "batch_stats": stats0,
-                 "opt_state": jax.vmap(programs["tx"].init)(params0),
-                 "step": jnp.zeros((S,), jnp.int32),
-                 "epoch_sums": jax.tree.map(lambda x: jnp.zeros((S,) + x.shape, x.dtype),
-                                            train.zero_sums())}
-        state = jax.tree.map(jnp.array, state)  # copies: the step donates its input
-        records = []
-        start = time.perf_counter()
-        for i, idx in enumerate(batches):
-            if method == "rate" and (i == 0 or (log_every and i % log_every == 0)):
-                records.append(agree(state, i))
-            state, _ = step_fn(state, {"image": _time_major(task.x_train[idx]),
-                                       "label": jnp.asarray(task.y_train[idx])})
-        jax.block_until_ready(state)
-        train_s = time.perf_counter() - start
-        if method == "rate":
-            records.append(agree(state, steps))
-            result["agreement"] = [list(r) for r in zip(*records)]  # per seed, in step order
-        result[method] = {"accuracy": accuracy(state, task.x_test),
-                          "shuffled_accuracy": accuracy(state, shuffle_time(task.x_test)),
-                          "train_s": train_s}
+        for method in METHODS:
+            state = {"params": params, "batch_stats": batch_stats,
+                     "opt_state": programs["tx"].init(params),
+                     "step": jnp.zeros((), jnp.int32), "epoch_sums": train.zero_sums()}
+            state = jax.tree.map(jnp.array, state)  # copies: the step donates its input
+            records = []
+            start = time.perf_counter()
+            for i, idx in enumerate(_batch_indices(len(task.x_train), steps, batch_size,
+                                                   seed)):
+                if method == "rate" and (i == 0 or (log_every and i % log_every == 0)):
+                    records.append(agree(state, i))
+                state, _ = programs[method](state, {"image": _time_major(task.x_train[idx]),
+                                                    "label": jnp.asarray(task.y_train[idx])})
+            jax.block_until_ready(state)
+            result[method]["train_s"] += time.perf_counter() - start
+            if method == "rate":
+                result["agreement"].append(records + [agree(state, steps)])
+            for key, x in (("accuracy", x_test), ("shuffled_accuracy", x_shuffled)):
+                labels = programs["predict"](state["params"], state["batch_stats"], x)
+                result[method][key].append(float(np.mean(np.asarray(labels) == task.y_test)))
     return result
 
 
@@ -210,22 +198,21 @@ _PROGRAMS: dict = {}
 
 
 def _programs(net, T: int, step_mode: str, learning_rate: float) -> dict:
-    """The jitted, seed-vectorised programs of :func:`measure`: a train step per method,
-    the agreement sums and the test predictions. Kept per network graph, T, step mode and
-    learning rate, so that tasks of the same input shape (the static and the rate-coded
-    digits) compile them once."""
+    """The jitted programs of :func:`measure`: a train step per method, the agreement
+    sums and the test predictions, with the optimiser ``tx``. Kept per network graph, T,
+    step mode and learning rate, so that seeds, and tasks of one input shape (the static
+    and the rate-coded digits), compile them once."""
     key = (net.graphdef, T, step_mode, learning_rate)
     if key not in _PROGRAMS:
         tx = optax.adam(learning_rate)
-        programs = {method: jax.jit(jax.vmap(train.make_train_step(
-            methods.make_grad_fn(method, net, T=T, step_mode=step_mode), tx, "stop")),
+        programs = {method: jax.jit(train.make_train_step(
+            methods.make_grad_fn(method, net, T=T, step_mode=step_mode), tx, "stop"),
             donate_argnums=0) for method in METHODS}
         programs["tx"] = tx
-        programs["agreement"] = jax.jit(jax.vmap(agreement.make_agreement_fn(
-            net, ("rate",), T=T, step_mode=step_mode)))
-        programs["predict"] = jax.jit(jax.vmap(lambda p, s, x: jnp.argmax(
-            methods.spike_inference(net, p, s, x, T=T, step_mode=step_mode)[0], -1),
-            in_axes=(0, 0, None)))
+        programs["agreement"] = jax.jit(agreement.make_agreement_fn(
+            net, ("rate",), T=T, step_mode=step_mode))
+        programs["predict"] = jax.jit(lambda p, s, x: jnp.argmax(
+            methods.spike_inference(net, p, s, x, T=T, step_mode=step_mode)[0], -1))
         _PROGRAMS[key] = programs
     return _PROGRAMS[key]
 
