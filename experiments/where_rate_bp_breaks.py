@@ -5,7 +5,7 @@ whose label moves from the firing rate into spike timing (``ratebp_jax.limits``)
     python experiments/where_rate_bp_breaks.py --nmnist ../shared/data/nmnist --json out.json
 
 The static digits, the rate-coded digits and the temporal-order task are notebook 06's,
-with its settings (``vgg_tiny``, seeds 0 to 2, 120 Adam steps of 64 at learning rate 5e-3,
+with its settings (``vgg_tiny``, seeds 0 to 4, 120 Adam steps of 64 at learning rate 0.01,
 agreement every 40 steps on 128 training samples), at each ``--T``. ``--nmnist`` adds
 N-MNIST event frames: a folder with one ``*train*.npz`` and one ``*test*.npz`` of events
 (``data.events.read_events_npz``), binned into T frames and resized to ``--nmnist-size``
@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    help="a folder with N-MNIST event files (*train*.npz, *test*.npz)")
     p.add_argument("--nmnist-size", type=int, default=34,
                    help="frame size of the N-MNIST input (default 34, the sensor's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--json", default=None, help="write every figure here")
     args = p.parse_args(argv)

@@ -96,9 +96,9 @@ def check_model(model: nnx.Module, *, image_shape, T: int = 4, step_mode: str = 
     image_shape: one input ``(H, W, C)``.
     T, step_mode: the run's; the structure is checked in ``step_mode``, the values at ``T``
       (which must be > 1 for the value checks to mean anything) and at T = 1.
-    numeric: also run the value checks on a random ``[batch_size, H, W, C]`` batch
-      (compiles four small programs); False traces only, at no compute, and is what an
-      abstract model (``nnx.eval_shape``) allows.
+    numeric: also run the value checks on a random sequence ``[T, batch_size, H, W, C]``
+      (one program of four small passes, compiled at LLVM level 0); False traces only, at
+      no compute, and is what an abstract model (``nnx.eval_shape``) allows.
     """
     checks.check_int("T", T, 1)
     checks.check_choice("step_mode", step_mode, layers.STEP_MODES)
