@@ -32,7 +32,6 @@ def own_model(name):
                                image_size=IMAGE_SIZE)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("step_mode", ["multi", "single"])
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_zoo_models_keep_the_contract_traced_and_run(name, step_mode):
@@ -126,7 +125,6 @@ def test_contract_layer_called_twice_is_an_error():
     assert "2 times in the spike pass and 2 times in the rate pass" in findings[0].message
 
 
-@pytest.mark.slow
 def test_value_checks_catch_what_the_logits_miss_and_leave_the_model_unchanged():
     """A max pooling between two LIF layers shows in the second LIF's rate-pass input,
     not in the logits; one after the last LIF shows in the logits. The spike pass runs in
@@ -148,7 +146,6 @@ def test_value_checks_catch_what_the_logits_miss_and_leave_the_model_unchanged()
         ("logits", "")]
 
 
-@pytest.mark.slow
 def test_lif_called_twice_fails_the_t1_gradient_check():
     findings = contract.check_model(own_model("LIFCalledTwice"), image_shape=SHAPE,
                                     step_mode="single")
