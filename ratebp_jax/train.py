@@ -82,6 +82,7 @@ def validate_config(config, *, devices: bool = True) -> None:
                   "seed", "augment_crop_padding", "data_workers", "grad_agreement_every_steps"):
         checks.check_int(field, config[field], 0)
     _method_list(config, "grad_agreement_methods")
+    checks.check_number("grad_agreement_warn_cosine", config.grad_agreement_warn_cosine, 0.0, 1.0)
     for field in ("augment", "augment_flip", "progress_bar", "plots", "tensorboard"):
         checks.check_bool(field, config[field])
     checks.check_number("surrogate_alpha", config.surrogate_alpha, 0.0, low_open=True)

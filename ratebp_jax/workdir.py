@@ -25,7 +25,8 @@ from ratebp_jax.data.fingerprint import fingerprint as data_fingerprint, short
 RERUN_FIELDS = ("name", "num_epochs", "num_train_steps", "progress_bar", "log_every_steps",
                 "plots", "tensorboard", "keep_checkpoints", "checkpoint_every_steps", "eval_batch_size",
                 "nan_policy", "data_dir", "data_path", "data_workers",
-                "grad_agreement_every_steps", "grad_agreement_methods")
+                "grad_agreement_every_steps", "grad_agreement_methods",
+                "grad_agreement_warn_cosine", "contract_errors_fatal")
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
