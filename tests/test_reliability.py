@@ -280,6 +280,8 @@ def test_ctrl_c_while_modules_load_ends_with_one_line(tmp_path):
         out, err = proc.communicate(timeout=300)
         codes.append(proc.returncode)
         assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err
+        if "final test accuracy" in out:
+            continue  # the short run ended before the signal came (a warm compilation cache)
         if proc.returncode == 130:
             assert len(err.strip().splitlines()) == 1, err
             assert err.startswith("error: stopped by Ctrl-C"), err
