@@ -408,7 +408,7 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     """
     run, state, done = set_up_run(config, workdir, log)
     if done is not None:
-        log(f"already complete: {run.workdir} trained {done['steps']} steps (final test "
+        log(f"already complete: {os.path.abspath(workdir)} trained {done['steps']} steps (final test "
             f"accuracy {done['final_test_accuracy']:.4f}); nothing was changed")
         return {**done, "already_complete": True}
     progress = open_workdir(run, state)
@@ -449,8 +449,9 @@ def train_and_evaluate(config, workdir: str, *, log=print,
 
 
 def set_up_run(config, workdir: str, log):
-    """``(run, initial state, None)``, or ``(run, None, summary)`` of a run that is already
-    complete. Validates the config, the workdir and the data; writes nothing."""
+    """``(run, initial state, None)``, or ``(None, None, summary)`` of a run that is already
+    complete, which returns before building the model or compiling anything. Validates the
+    config, the workdir and the data; writes nothing."""
     validate_config(config)
     workdir = os.path.abspath(workdir)
     wd.check_path(workdir)
@@ -461,6 +462,9 @@ def set_up_run(config, workdir: str, log):
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
     total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
+    done = wd.completed_summary(workdir, total_steps)
+    if done is not None:  # nothing to build for a run that only says it is complete
+        return None, None, done
     schedule = learning_rate_schedule(config, steps_per_epoch, num_epochs)
     tx = create_optimizer(config, schedule)
     net, state = create_state(config, dataset.image_shape, dataset.num_classes, tx)
@@ -476,8 +480,7 @@ def set_up_run(config, workdir: str, log):
     run = Run(config, workdir, log, dataset, fingerprint, steps_per_epoch, total_steps,
               num_epochs, schedule, net, treedef, train_step,
               jax.jit(make_eval_step(net, config.T, config.step_mode)), shard, replicated)
-    done = wd.completed_summary(workdir, total_steps)
-    return run, (None if done else state), done
+    return run, state, None
 
 
 def open_workdir(run: Run, state) -> Progress:
