@@ -142,6 +142,7 @@ def run(argv=None):
     from ratebp_jax.train import NonFiniteError
     from ratebp_jax.workdir import rerun_hint
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a KeyboardInterrupt from here on
+    cli_errors.keep_ctrl_c()
     try:
         app.run(main, argv=argv, flags_parser=cli_errors.absl_flags_parser(DEFAULT_CONFIG))
     except cli_errors.USER_ERRORS as e:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import zipfile
 
 # The value checks, shared with the config validation; scripts call them as cli.check_*.
@@ -36,6 +38,26 @@ def run(main, argv=None) -> None:
         main(argv)
     except USER_ERRORS as e:
         fail(str(e) or type(e).__name__)
+
+
+def keep_ctrl_c(delay_s: float = 0.05) -> None:
+    """Make a Ctrl-C that lands in a garbage-collection callback or a ``__del__`` count.
+
+    Python runs a signal handler between any two bytecodes of the main thread, so the
+    KeyboardInterrupt of a Ctrl-C can be raised inside a finaliser (JAX registers one with
+    the garbage collector). Python cannot propagate an exception from there: it prints
+    "Exception ignored in ..." with a traceback, drops the Ctrl-C, and the run goes on.
+    This hook sends SIGINT again ``delay_s`` later, from a timer thread, so that the
+    handler runs once more after the finaliser has returned; raising it at once would run
+    the handler inside this hook, where the exception is dropped in the same way. Every
+    other unraisable exception goes to Python's default hook.
+    """
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:
+            sys.__unraisablehook__(unraisable)
+    sys.unraisablehook = hook
 
 
 class ArgumentParser(argparse.ArgumentParser):
