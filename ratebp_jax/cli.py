@@ -54,7 +54,9 @@ def keep_ctrl_c(delay_s: float = 0.05) -> None:
     """
     def hook(unraisable):
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT)).start()
+            timer = threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT))
+            timer.daemon = True  # a run that is already ending does not wait for it
+            timer.start()
         else:
             sys.__unraisablehook__(unraisable)
     sys.unraisablehook = hook
