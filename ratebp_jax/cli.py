@@ -50,7 +50,8 @@ def keep_ctrl_c(delay_s: float = 0.05) -> None:
     This hook sends SIGINT again ``delay_s`` later, from a timer thread, so that the
     handler runs once more after the finaliser has returned; raising it at once would run
     the handler inside this hook, where the exception is dropped in the same way. Every
-    other unraisable exception goes to Python's default hook.
+    other unraisable exception goes to Python's default hook. ``main.py`` installs it for
+    the whole run, and the training loop for as long as it handles Ctrl-C.
     """
     def hook(unraisable):
         if isinstance(unraisable.exc_value, KeyboardInterrupt):

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ratebp_jax import agreement, checks, data, methods, models, neurons, tracking
+from ratebp_jax import agreement, checks, cli, data, methods, models, neurons, tracking
 from ratebp_jax import workdir as wd
 from ratebp_jax.data.fingerprint import fingerprint as data_fingerprint
 from ratebp_jax.layers import POOL_TIES, STEP_MODES
@@ -738,8 +738,10 @@ class _StopRequest:
 
     def __init__(self, log):
         self._set, self._log, self._previous = False, log, {}
+        self._previous_hook = sys.unraisablehook
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            cli.keep_ctrl_c()  # a second Ctrl-C raised inside a finaliser is not dropped
 
     def _handle(self, signum, frame):
         del frame
@@ -755,6 +757,7 @@ class _StopRequest:
     def restore(self):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = self._previous_hook
 
 
 def on_device(batches, shard, ahead: int = 1):

@@ -1,6 +1,7 @@
 """Training pipeline: records, resume, sharding equivalence, and one-line config errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -212,3 +213,22 @@ def test_batch_not_divisible_by_device_count_is_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "batch_size=30: must be divisible by the device count (4)" \
         in lines[0], lines
+
+
+def test_the_stop_request_holds_sigint_sigterm_and_the_ctrl_c_hook_then_gives_them_back():
+    """While the loop handles Ctrl-C it owns both handlers and the unraisable hook
+    (cli.keep_ctrl_c); afterwards a notebook or a user's script has its own back."""
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+              sys.unraisablehook)
+    stop = train._StopRequest(log=lambda message: None)
+    try:
+        held = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                sys.unraisablehook)
+        assert all(h is not b for h, b in zip(held, before)), held
+        assert not stop.requested()
+        signal.raise_signal(signal.SIGTERM)  # the preemption notice: a request, no exception
+        assert stop.requested()
+    finally:
+        stop.restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+            sys.unraisablehook) == before
