@@ -1,4 +1,5 @@
-"""One-line user errors for the command-line entry points: no traceback for bad input.
+"""One-line user errors for the command-line entry points: no traceback for bad input, and
+no Ctrl-C dropped with a traceback (``keep_ctrl_c``).
 
 Every script validates its flags before it computes or writes anything. A bad value ends
 with one line on stderr, ``error: <flag>=<value>: <what is allowed>``, and exit status 2;

@@ -408,8 +408,8 @@ def train_and_evaluate(config, workdir: str, *, log=print,
     """
     run, state, done = set_up_run(config, workdir, log)
     if done is not None:
-        log(f"already complete: {os.path.abspath(workdir)} trained {done['steps']} steps (final test "
-            f"accuracy {done['final_test_accuracy']:.4f}); nothing was changed")
+        log(f"already complete: {os.path.abspath(workdir)} trained {done['steps']} steps "
+            f"(final test accuracy {done['final_test_accuracy']:.4f}); nothing was changed")
         return {**done, "already_complete": True}
     progress = open_workdir(run, state)
     stop = _StopRequest(log)
